@@ -22,3 +22,58 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- runtime (predict/bench) tests: a tiny liverstage-shaped ONNX model built without torch ------
+def _load_tiny_onnx_module():
+    """tests/_tiny_onnx.py by path (pytest runs with --import-mode=importlib: tests/ is not on sys.path)."""
+    import importlib.util  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    name = "liverstage_tests_tiny_onnx"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_tiny_onnx.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx():
+    """The tests/_tiny_onnx.py module: build_tiny_onnx(path, crop_size=...), tiny_metadata(...)."""
+    return _load_tiny_onnx_module()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_onnx):
+    """A tiny ONNX model (crop_size 32) carrying valid liverstage metadata."""
+    return tiny_onnx.build_tiny_onnx(tmp_path_factory.mktemp("tiny_model") / "tiny.onnx", crop_size=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phantom data (synthetic, not patients), generated once per test session.
+
+SMALL_COHORT = {"patients": 12, "seed": 0, "in_plane": 64, "slices": 16}
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory):
+    """Path to manifest.csv of a tiny phantom cohort: 12 patients, 64x64 in-plane, ~16 slices.
+
+    Stages (seed 0): a mix of A, B and C; NIfTI volumes + liver masks (label 1), stored in
+    several axis orders. Treat it as read-only: it is shared by every test in the session.
+    """
+    from liverstage.runtime.synth import synth_cohort
+
+    return synth_cohort(tmp_path_factory.mktemp("phantoms") / "cohort", **SMALL_COHORT)
+
+
+@pytest.fixture(scope="session")
+def small_volume_path(small_cohort):
+    """(volume .nii.gz, mask .nii.gz) of the first phantom of `small_cohort`."""
+    from liverstage.runtime.manifest import read_manifest
+
+    row = read_manifest(small_cohort)[0]
+    return row.image, row.mask

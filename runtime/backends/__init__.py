@@ -1,0 +1,66 @@
+"""Inference backends: one small interface over ONNX Runtime and TensorRT.
+
+`open_backend(path)` picks the backend from the file: a `.engine` file is a TensorRT engine (with
+its sidecar `X.engine.json`), anything else must be an ONNX model carrying our metadata. Every
+backend exposes the same four things, so predict and bench never care which one runs:
+
+    backend.name       e.g. "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"
+    backend.precision  "fp32" | "fp16" | "int8" (from the model's metadata)
+    backend.metadata   ModelMetadata (the preprocessing comes only from here)
+    backend.run(images float32 [N,1,S,S]) -> {"cosine": [N,C], "probs": [N,C], "embedding": [N,D]}
+
+Device: "cpu" forces the CPU; "cuda" needs a CUDA GPU (BackendUnavailable otherwise); "auto"
+takes the fastest present: a TensorRT engine runs on its GPU, an ONNX model runs with ONNX
+Runtime's CUDA provider when onnxruntime-gpu and a GPU are present, else on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import BackendUnavailable, ModelError
+from ..model_meta import ModelMetadata
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class Backend(Protocol):
+    name: str
+    precision: str
+    metadata: ModelMetadata
+    path: Path
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def check_images(images: np.ndarray, crop_size: int) -> np.ndarray:
+    """Validate a batch before it reaches a backend: float32, C-contiguous, [N, 1, S, S]."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[1] != 1 or images.shape[2:] != (crop_size, crop_size) or images.shape[0] < 1:
+        raise ValueError(f"expected images of shape [N, 1, {crop_size}, {crop_size}], got {list(images.shape)}")
+    return images
+
+
+def open_backend(model_path: str | Path, *, device: str = "auto", threads: int | None = None) -> Backend:
+    """Open an exported model for inference; ModelError / BackendUnavailable name the file."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    path = Path(model_path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    if path.suffix == ".engine":
+        if device == "cpu":
+            raise BackendUnavailable(f"{path}: a TensorRT engine needs a CUDA GPU; use the .onnx model with --device cpu")
+        try:
+            from .tensorrt import TensorRTBackend  # noqa: PLC0415  (tensorrt is optional)
+        except ImportError as exc:
+            raise BackendUnavailable(f"{path}: the TensorRT backend is not available here ({exc})") from None
+        return TensorRTBackend(path)
+    from .onnx import OnnxBackend  # noqa: PLC0415  (onnxruntime imported only when needed)
+
+    return OnnxBackend(path, device=device, threads=threads)

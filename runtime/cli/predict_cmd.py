@@ -1,10 +1,73 @@
-"""`liverstage predict` (not implemented yet)."""
+"""`liverstage predict`: stage NIfTI volumes or a DICOM series with an exported model (no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
+from ..errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
+
 
 def register(app: typer.Typer) -> None:
-    @app.command("predict", hidden=True)
-    def predict_command() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(code=3)
+    @app.command("predict")
+    def predict_command(
+        inputs: List[Path] = typer.Argument(..., help="NIfTI files (.nii/.nii.gz), folders of them, or a folder holding one DICOM series."),
+        model: Path = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ONNX Runtime) or .engine (TensorRT, with its .engine.json)."),
+        mask: Optional[Path] = typer.Option(None, "--mask", help="Liver mask for a single input (same grid as the volume)."),
+        mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Folder of masks paired by file name: D/<name>, D/<stem>/liver.nii.gz, or one D/<stem>*.nii.gz."),
+        mask_label: Optional[int] = typer.Option(None, "--mask-label", help="Label value of the liver in a multi-label mask (TotalSegmentator total_mr: 5). Default: any non-zero voxel."),
+        bbox: Optional[str] = typer.Option(None, "--bbox", help="Liver box x0,y0,z0,x1,y1,z1 in the file's voxel coordinates (half-open)."),
+        roi: Optional[str] = typer.Option(None, "--roi", help="'auto': rough liver region heuristic, no mask needed (the default when no mask or box is given)."),
+        report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here (atomically)."),
+        csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write one row per crop here."),
+        png: Optional[Path] = typer.Option(None, "--png", help="Draw the ROI on the mid slice and each crop's stage per slice (needs matplotlib)."),
+        batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per model call."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda. auto takes the fastest present."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: ONNX Runtime's, one per core)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stdout."),
+    ) -> None:
+        """Stage liver fibrosis (A early, B middle, C last) per volume, without torch.
+
+        The stage of a volume is the argmax of its crops' mean probability. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then).
+        """
+        from ..backends import open_backend  # noqa: PLC0415
+        from ..roi import parse_bbox  # noqa: PLC0415
+        from ..predict import Predictor, resolve_inputs  # noqa: PLC0415
+        from ..report import file_sha256, print_table, write_crops_csv, write_png, write_report  # noqa: PLC0415
+
+        if device not in DEVICES:
+            raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        box = parse_bbox(bbox) if bbox is not None else None
+        if mask is not None and not mask.is_file():
+            raise InputError(f"mask not found: {mask}")
+        if png is not None:
+            try:
+                import matplotlib  # noqa: F401, PLC0415
+            except ImportError:
+                raise InputError("--png needs matplotlib: pip install 'liverstage[plot]'") from None
+        paths = resolve_inputs(inputs)
+
+        backend = open_backend(model, device=device, threads=threads)
+        model_info = {"path": str(model.resolve()), "sha256": file_sha256(model),
+                      "backend": backend.name, "precision": backend.precision}
+        predictor = Predictor(backend, mask=mask, mask_dir=mask_dir, mask_label=mask_label, bbox=box, roi=roi,
+                              batch_size=batch_size, keep_preview=png is not None, model_info=model_info)
+        run = predictor.run(paths)
+
+        if len(paths) == 1 and run.errors:
+            source, message = run.errors[0]
+            raise InputError(message if source in message else f"{source}: {message}")
+        if report is not None:
+            write_report(report, run)
+        if csv_path is not None:
+            write_crops_csv(csv_path, run)
+        if png is not None and run.results:
+            write_png(png, run)
+        if not quiet:
+            print_table(run)
+        if run.errors:
+            raise typer.Exit(code=1)

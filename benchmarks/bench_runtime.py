@@ -1,0 +1,153 @@
+"""Issue 6 runtime targets, each printed as a ratio against a reference measured in the same run.
+
+    python benchmarks/bench_runtime.py [--threads N] [--iters 10] [--warmup 3] [--out DIR] [--json F]
+
+1. ONNX Runtime fp32 vs PyTorch eager fp32, ResNet18 at 224 px, batch 16   target >= 1.9x
+2. ONNX Runtime int8 (static QDQ) vs PyTorch eager fp32, same               target >= 5x
+3. predict end to end on a 40-slice phantom vs model-only time of its crops target <= 1.25x
+4. peak memory (ru_maxrss of a child `liverstage predict`) on 512x512x200   target <= 2 GB
+
+Needs the `train` extra (torch, to build the checkpoint, export it and time the reference).
+The model has random weights (speed and memory do not depend on what it learned); volumes are
+synthetic phantoms, NOT patients, centre-cropped along z to the exact slice counts above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_phantom(folder: Path, name: str, *, in_plane: int, slices: int, index: int = 0) -> tuple[Path, Path]:
+    """A phantom (not a patient) in canonical RAS, centre-cropped along z to exactly `slices`."""
+    import nibabel as nib
+
+    from liverstage.runtime.synth import synth_patient
+
+    ph = synth_patient(index, seed=0, in_plane=in_plane, slices=int(slices * 1.2) + 2)
+    img = nib.as_closest_canonical(nib.Nifti1Image(ph.data, ph.affine))
+    mask = nib.as_closest_canonical(nib.Nifti1Image(ph.mask, ph.affine))
+    n = img.shape[2]
+    if n < slices:
+        raise SystemExit(f"phantom has {n} slices, fewer than {slices}")
+    z0 = (n - slices) // 2
+    vol_path, mask_path = folder / f"{name}.nii.gz", folder / f"{name}_mask.nii.gz"
+    nib.save(img.slicer[:, :, z0:z0 + slices], vol_path)
+    nib.save(mask.slicer[:, :, z0:z0 + slices], mask_path)
+    return vol_path, mask_path
+
+
+def export_models(folder: Path) -> tuple[Path, Path, Path]:
+    """ResNet18 + AMCL checkpoint (random weights, crop 224) -> fp32 and int8 ONNX via liverstage.export."""
+    import torch
+
+    from liverstage.export.api import ExportOptions, export_checkpoint
+    from liverstage.runtime.spec import PreprocessSpec
+    from liverstage.train.checkpoint import save_checkpoint
+    from liverstage.train.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", "amcl").eval()
+    ckpt = save_checkpoint(folder / "model.pt", net, preprocess=PreprocessSpec(crop_size=224), args={}, splits={},
+                           manifest=None, epoch=0)
+    fp32, int8 = folder / "resnet18.onnx", folder / "resnet18.int8.onnx"
+    for path, precision in ((fp32, "fp32"), (int8, "int8")):
+        t0 = time.perf_counter()
+        print(f"exporting {precision} ...", flush=True)
+        export_checkpoint(ckpt, path, ExportOptions(precision=precision), echo=lambda s: None)
+        print(f"  {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return ckpt, fp32, int8
+
+
+def peak_memory_of_predict(volume: Path, mask: Path, model: Path, threads: int | None) -> tuple[float, float, int]:
+    """(peak RSS in GB, wall s, exit code) of `liverstage predict` in a child process (os.wait4 rusage)."""
+    report = volume.with_suffix(".report.json")
+    cmd = [sys.executable, "-c", "from liverstage.runtime.cli import main; main()", "predict", str(volume), "--model", str(model),
+           "--mask", str(mask), "--report", str(report), "--quiet", "--batch-size", "16"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024**2, time.perf_counter() - t0, proc.returncode  # ru_maxrss is KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and ONNX Runtime (same for both)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="keep models and phantoms here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the 512x512x200 memory run")
+    args = parser.parse_args()
+
+    from liverstage.runtime.backends import open_backend
+    from liverstage.runtime.bench import BenchConfig, end_to_end, run_bench
+
+    tmp = tempfile.TemporaryDirectory() if args.out is None else None
+    folder = Path(tmp.name) if tmp else args.out
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt, fp32, int8 = export_models(folder)
+
+    print(f"\n[1, 2] ResNet18 at 224 px, batch 16, {args.threads} thread(s), {args.warmup} warm-up + {args.iters} runs",
+          flush=True)
+    cfg = BenchConfig(model=fp32, backends=("torch", "onnx", "onnx-int8"), batch_sizes=(16,), warmup=args.warmup,
+                      iters=args.iters, threads=args.threads, int8_model=int8, checkpoint=ckpt)
+    bench = run_bench(cfg, log=lambda s: print("  " + s, flush=True))
+    rows = {r["backend"]: r for r in bench["results"] if not r["skipped"]}
+    for r in bench["results"]:
+        if r["skipped"]:
+            print(f"  {r['backend']} skipped: {r['skipped']}")
+    print(f"  matmul peak {bench['machine']['matmul_peak_gflops']:.1f} GFLOP/s; "
+          f"{bench['flops_per_crop'] / 1e9:.2f} GFLOP per crop")
+    for name in ("torch", "onnx", "onnx-int8"):
+        if name in rows:
+            r = rows[name]
+            print(f"  {name:10s} p50 {r['p50_ms']:8.1f} ms  p90 {r['p90_ms']:8.1f}  p99 {r['p99_ms']:8.1f}  "
+                  f"{r['crops_per_s']:7.1f} crops/s  {r['gflops']:6.1f} GFLOP/s ({100 * r['fraction_of_peak']:.0f}% of peak)")
+    figures: dict = {"bench": bench}
+    if "torch" in rows:
+        figures["onnx_fp32_speedup"] = rows["onnx"]["speedup_vs_torch"]
+        figures["onnx_int8_speedup"] = rows["onnx-int8"]["speedup_vs_torch"] if "onnx-int8" in rows else None
+        print(f"  ONNX Runtime fp32 vs PyTorch eager fp32: {figures['onnx_fp32_speedup']:.2f}x   (target >= 1.9x)")
+        if figures["onnx_int8_speedup"]:
+            print(f"  ONNX Runtime int8 vs PyTorch eager fp32: {figures['onnx_int8_speedup']:.2f}x   (target >= 5x)")
+
+    print("\n[3] end to end vs model-only, 40-slice phantom (not a patient), liver mask, batch 16", flush=True)
+    vol40, mask40 = make_phantom(folder, "phantom40", in_plane=224, slices=40)
+    backend = open_backend(fp32, device="cpu", threads=args.threads)
+    e2e_cfg = BenchConfig(model=fp32, batch_sizes=(16,), iters=args.iters, input_volume=vol40)
+    e2e = end_to_end(e2e_cfg, backend, mask=mask40, log=lambda s: print("  " + s, flush=True))
+    figures["end_to_end"] = e2e
+    print(f"  {e2e['crops']} crops: end to end {e2e['end_to_end_s']:.3f} s, model only {e2e['model_only_s']:.3f} s: "
+          f"ratio {e2e['ratio']:.3f}   (target <= 1.25)")
+
+    if not args.skip_memory:
+        print("\n[4] peak memory of `liverstage predict` on a 512x512x200 phantom (not a patient)", flush=True)
+        big, big_mask = make_phantom(folder, "phantom512", in_plane=512, slices=200)
+        gb, wall, code = peak_memory_of_predict(big, big_mask, fp32, args.threads)
+        figures["peak_memory_gb"] = gb
+        print(f"  exit {code}, {wall:.1f} s, peak RSS {gb:.2f} GB   (target <= 2 GB)")
+
+    if args.json:
+        from liverstage.runtime.atomic import write_json
+
+        write_json(args.json, figures)
+        print(f"\nwrote {args.json}")
+    if tmp:
+        tmp.cleanup()
+    print("\nPhantoms are synthetic, not patients; timings depend on this machine and its load.")
+
+
+if __name__ == "__main__":
+    main()

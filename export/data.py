@@ -1,0 +1,128 @@
+"""Real crops for export-time checks: parity, INT8 calibration, temperature, cosine threshold.
+
+Where they come from, in order (issue 5):
+1. `--calibration-manifest M`: every crop of M (parity, calibration, temperature).
+2. The checkpoint's own manifest, when it is still reachable: training patients for INT8
+   calibration and the cosine threshold, validation patients for the temperature, validation
+   and test patients for parity.
+3. Otherwise a few freshly generated synthetic phantoms (labelled; not patients).
+Crops are made with the checkpoint's PreprocessSpec through the runtime's one crop pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from liverstage.runtime.errors import InputError
+from liverstage.runtime.spec import PreprocessSpec
+
+MAX_CROPS = 192  # per set: enough for stable figures, small enough for a 2-core laptop
+
+
+@dataclasses.dataclass
+class Crops:
+    """Labelled crops from one source (images float32 [N, 1, S, S], labels int [N])."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    patients: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return int(len(self.images))
+
+    def subsample(self, limit: int) -> "Crops":
+        """At most `limit` crops, evenly spaced (deterministic, keeps every patient represented)."""
+        if len(self) <= limit:
+            return self
+        index = np.linspace(0, len(self) - 1, limit).round().astype(int)
+        return Crops(self.images[index], self.labels[index], [self.patients[i] for i in index], self.source)
+
+    @property
+    def n_patients(self) -> int:
+        return len(set(self.patients))
+
+
+@dataclasses.dataclass
+class ExportCrops:
+    """The crop sets one export uses; any may be None where nothing is reachable."""
+
+    parity: Crops
+    calibration: Crops  # INT8 activation ranges
+    temperature: Crops | None  # labelled validation crops
+    threshold: Crops | None  # training crops for the cosine threshold
+
+
+def crops_from_rows(rows, spec: PreprocessSpec, *, source: str) -> Crops:
+    """Crops of manifest rows through the training data path (train.data.load_crops, which uses
+    the runtime's one crop pipeline), so export checks see exactly what training saw."""
+    from liverstage.train.data import load_crops  # noqa: PLC0415
+
+    if not rows:
+        raise InputError(f"no manifest rows for {source}")
+    data = load_crops(rows, spec)
+    return Crops(data.images, data.labels.astype(np.int64), [str(p) for p in data.patient_ids], source)
+
+
+def _rows_for(manifest: Path, patients: set[str]) -> list:
+    from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
+
+    return [row for row in read_manifest(manifest) if row.patient_id in patients]
+
+
+def phantom_crops(spec: PreprocessSpec, *, patients: int = 6, seed: int = 20240611) -> Crops:
+    """Crops from a few freshly generated synthetic phantoms (labelled; THEY ARE NOT PATIENTS)."""
+    from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
+    from liverstage.runtime.synth import synth_cohort  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="liverstage-phantoms-") as tmp:
+        manifest = synth_cohort(Path(tmp) / "phantoms", patients=patients, seed=seed, in_plane=96, slices=20)
+        return crops_from_rows(read_manifest(manifest), spec, source="freshly generated phantoms (not patients)")
+
+
+def checkpoint_manifest(ckpt: dict) -> Path | None:
+    """The checkpoint's manifest when it is still on disk."""
+    text = ckpt.get("manifest") or ""
+    path = Path(text) if text else None
+    return path if path is not None and path.is_file() else None
+
+
+def export_crops(ckpt: dict, spec: PreprocessSpec, *, calibration_manifest: str | Path | None = None,
+                 max_crops: int = MAX_CROPS) -> ExportCrops:
+    """Pick the crop sets for one export (see the module docstring for the order)."""
+    from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
+
+    threshold = None
+    own = checkpoint_manifest(ckpt)
+    splits = ckpt.get("splits") or {}
+    if own is not None and splits.get("train"):
+        try:
+            threshold = crops_from_rows(_rows_for(own, set(splits["train"])), spec,
+                                        source=f"training patients of {own}").subsample(max_crops)
+        except InputError:
+            threshold = None
+    if calibration_manifest is not None:
+        path = Path(calibration_manifest)
+        crops = crops_from_rows(read_manifest(path), spec, source=str(path)).subsample(max_crops)
+        return ExportCrops(parity=crops, calibration=crops, temperature=crops, threshold=threshold)
+    if own is not None and threshold is not None:
+        val = set(splits.get("val") or [])
+        held_out = val | set(splits.get("test") or [])
+        if held_out:
+            try:
+                parity = crops_from_rows(_rows_for(own, held_out), spec,
+                                         source=f"validation/test patients of {own}").subsample(max_crops)
+                temperature = (crops_from_rows(_rows_for(own, val), spec,
+                                               source=f"validation patients of {own}").subsample(max_crops)
+                               if val else None)
+                return ExportCrops(parity=parity, calibration=threshold, temperature=temperature,
+                                   threshold=threshold)
+            except InputError:
+                pass
+        return ExportCrops(parity=threshold, calibration=threshold, temperature=None, threshold=threshold)
+    crops = phantom_crops(spec).subsample(max_crops)
+    return ExportCrops(parity=crops, calibration=crops, temperature=None, threshold=None)

@@ -1,0 +1,223 @@
+"""THE preprocessing path: volume + liver region -> normalised square 2D crops.
+
+Training, `liverstage crops` and `liverstage predict` all call `crops_for_volume` (or
+`make_crops`), driven by one `PreprocessSpec`, so a model sees exactly what it was trained on.
+
+Per axial slice (canonical z) whose region area is at least `min_area_fraction` of the largest
+slice's: take the square bounding box of the region in that slice, grown by `box_margin` of its
+side on every side, normalise intensities with percentiles taken inside the region over the
+whole volume (-> 0..1, clipped to [clip_low, clip_high]; outside the image and non-finite voxels
+outside the region read as clip_low, i.e. dark background), and resample to crop_size with a
+triangle filter widened when shrinking (anti-aliased, like PIL's BILINEAR resize).
+
+Bit-identical for the same anatomy in any stored axis order/flip: everything depends only on
+the canonical array, sums run in a fixed order of elementwise numpy operations (no BLAS, whose
+blocking could reorder them), and the arrays are C-contiguous copies.
+
+Crop images are shown as radiologists look at axial slices: rows run anterior (top) to
+posterior, columns from the patient's right (left of the picture) to the patient's left.
+`boxes` stay in canonical voxel coordinates (x0, y0, x1, y1), half-open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .io import Volume, load_volume
+from .roi import resolve_region
+from .spec import PreprocessSpec
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CropSet:
+    """Crops of one volume.
+
+    images: float32 [N, 1, S, S]; slices: int64 [N] canonical z index; boxes: int64 [N, 4]
+    (x0, y0, x1, y1) canonical in-plane voxel coordinates, half-open, square (may extend
+    beyond the image); spacing: mm of the canonical axes; region_voxels: voxels in the region.
+    """
+
+    images: np.ndarray
+    slices: np.ndarray
+    boxes: np.ndarray
+    spacing: tuple[float, float, float]
+    source: str
+    region_voxels: int
+    warnings: tuple[str, ...] = ()
+    intensity_range: tuple[float, float] = (0.0, 1.0)  # raw values mapped to 0 and 1
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@lru_cache(maxsize=64)
+def _resample_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices [n_out, K] and weights [n_out, K] of a triangle filter resampling n_in -> n_out.
+
+    Pixel centres are aligned (half-pixel convention); when shrinking the triangle is widened
+    by n_in / n_out so every input pixel contributes (anti-aliasing). Taps beyond the edge are
+    dropped and the weights renormalised. Weights are >= 0 and sum to 1.
+    """
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centers = (np.arange(n_out, dtype=np.float64) + 0.5) * scale
+    first = np.floor(centers - support).astype(np.int64)
+    k = int(np.ceil(2 * support)) + 2
+    idx = first[:, None] + np.arange(k, dtype=np.int64)[None, :]
+    w = 1.0 - np.abs((idx + 0.5 - centers[:, None]) / support)
+    w = np.where((w > 0) & (idx >= 0) & (idx < n_in), w, 0.0)
+    w /= w.sum(axis=1, keepdims=True)
+    idx = np.clip(idx, 0, n_in - 1)
+    idx.setflags(write=False)
+    w.setflags(write=False)
+    return idx, w
+
+
+def _resample_axis0(a: np.ndarray, n_out: int) -> np.ndarray:
+    idx, w = _resample_taps(a.shape[0], n_out)
+    out = np.zeros((n_out,) + a.shape[1:], dtype=np.float64)
+    for k in range(idx.shape[1]):  # fixed order of elementwise multiply-adds
+        out += w[:, k, None] * a[idx[:, k]]
+    return out
+
+
+def resize2d(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Anti-aliased bilinear resize of a 2D float image to (rows, cols), float64, numpy only."""
+    rows, cols = (size, size) if isinstance(size, (int, np.integer)) else size
+    a = np.ascontiguousarray(image, dtype=np.float64)
+    a = _resample_axis0(a, int(rows))
+    a = np.ascontiguousarray(_resample_axis0(np.ascontiguousarray(a.T), int(cols)).T)
+    return a
+
+
+def _square_box(xs_lo: int, xs_hi: int, ys_lo: int, ys_hi: int, margin: float) -> tuple[int, int, int, int]:
+    """Square box (half-open) around [xs_lo, xs_hi) x [ys_lo, ys_hi), grown by margin*side per side."""
+    side = max(xs_hi - xs_lo, ys_hi - ys_lo)
+    out = max(1, int(np.ceil(side * (1.0 + 2.0 * margin) - 1e-9)))
+    x0 = (xs_lo + xs_hi - out) // 2
+    y0 = (ys_lo + ys_hi - out) // 2
+    return x0, y0, x0 + out, y0 + out
+
+
+def _cut(slice2d: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndarray:
+    """The box of a [X, Y] slice, filled with `fill` where it leaves the image."""
+    x0, y0, x1, y1 = box
+    out = np.full((x1 - x0, y1 - y0), fill, dtype=np.float64)
+    X, Y = slice2d.shape
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, X), min(y1, Y)
+    if sx0 < sx1 and sy0 < sy1:
+        out[sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0] = slice2d[sx0:sx1, sy0:sy1]
+    return out
+
+
+def _to_display(crop_xy: np.ndarray) -> np.ndarray:
+    """[x, y] canonical -> [row, col]: anterior at the top, patient's right on the left."""
+    return np.ascontiguousarray(crop_xy[::-1, ::-1].T)
+
+
+def _normalise(values: np.ndarray, lo: float, hi: float, spec: PreprocessSpec) -> np.ndarray:
+    out = (np.asarray(values, dtype=np.float64) - lo) / (hi - lo)
+    out = np.where(np.isfinite(out), out, spec.clip_low)
+    return np.clip(out, spec.clip_low, spec.clip_high)
+
+
+def make_crops(volume: Volume, region: np.ndarray, spec: PreprocessSpec) -> CropSet:
+    """Crops of `volume` over the bool `region` (canonical grid) as `spec` says."""
+    if not isinstance(spec, PreprocessSpec):
+        raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
+    region = np.asarray(region)
+    if region.shape != volume.data.shape:
+        raise InputError(f"liver region has shape {region.shape} but the volume {volume.source} has {volume.data.shape}")
+    region = np.ascontiguousarray(region, dtype=bool)
+    n_region = int(np.count_nonzero(region))
+    if n_region == 0:
+        raise InputError(f"the liver region of {volume.source} is empty")
+    data = volume.data
+    inside = data[region]
+    bad = int(np.count_nonzero(~np.isfinite(inside)))
+    if bad:
+        raise InputError(f"{bad} non-finite voxel(s) (NaN/inf) inside the liver region of {volume.source}")
+    lo, hi = (float(v) for v in np.percentile(inside.astype(np.float64), [spec.percentile_low, spec.percentile_high]))
+    if not hi > lo:
+        raise InputError(
+            f"intensities inside the liver region of {volume.source} are constant ({lo:g}) between the "
+            f"{spec.percentile_low:g} and {spec.percentile_high:g} percentiles; cannot normalise"
+        )
+    areas = region.sum(axis=(0, 1), dtype=np.int64)
+    keep = np.nonzero((areas > 0) & (areas >= spec.min_area_fraction * float(areas.max())))[0]
+    fill_raw = lo + spec.clip_low * (hi - lo)  # normalises to clip_low
+    images, boxes = [], []
+    for z in keep:
+        sl = region[:, :, z]
+        xs = np.nonzero(sl.any(axis=1))[0]
+        ys = np.nonzero(sl.any(axis=0))[0]
+        box = _square_box(int(xs[0]), int(xs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1, spec.box_margin)
+        crop = _normalise(_cut(data[:, :, z], box, fill_raw), lo, hi, spec)
+        crop = resize2d(_to_display(crop), spec.crop_size)
+        images.append(crop.astype(np.float32))
+        boxes.append(box)
+    images_arr = np.stack(images)[:, None, :, :] if images else np.zeros((0, 1, spec.crop_size, spec.crop_size), np.float32)
+    return CropSet(
+        images=np.ascontiguousarray(images_arr, dtype=np.float32),
+        slices=np.asarray(keep, dtype=np.int64),
+        boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
+        spacing=tuple(volume.spacing),  # type: ignore[arg-type]
+        source=volume.source,
+        region_voxels=n_region,
+        warnings=tuple(volume.warnings),
+        intensity_range=(lo, hi),
+    )
+
+
+def crops_for_volume(
+    volume_or_path: Volume | str | Path,
+    *,
+    spec: PreprocessSpec,
+    mask=None,
+    mask_label: int | None = None,
+    bbox=None,
+    roi: str | None = None,
+    frame: int | None = None,
+) -> CropSet:
+    """THE one entry point: load (if a path), find the liver region, make crops.
+
+    Exactly one of `mask` (file path; `mask_label` picks a label, default any non-zero),
+    `bbox` ((x0, y0, z0, x1, y1, z1) in the original file's voxel coordinates, half-open, or the
+    same as a comma-separated string) or `roi="auto"` must be given.
+    """
+    if isinstance(volume_or_path, Volume):
+        volume = volume_or_path
+        if frame is not None:
+            raise InputError("frame applies only when loading from a path")
+    else:
+        volume = load_volume(volume_or_path, frame=frame)
+    region = resolve_region(volume, mask=mask, mask_label=mask_label, bbox=bbox, roi=roi)
+    return make_crops(volume, region, spec)
+
+
+def normalise_image2d(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """A pre-cut 2D crop [H, W] (or [H, W, 3|4] colour) -> float32 [1, S, S].
+
+    Percentiles are taken over the whole image (a pre-cut crop has no region), then the same
+    clip and anti-aliased resize as volume crops; a non-square image is stretched to square.
+    The image is used as given (rows/columns as displayed).
+    """
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
+        a = a[:, :, 0] if a.shape[2] == 1 else a[:, :, :3].astype(np.float64).mean(axis=2)
+    if a.ndim != 2 or min(a.shape) < 1:
+        raise InputError(f"a 2D crop must be [H, W] (or [H, W, 3]), got shape {np.shape(image)}")
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise InputError("a 2D crop has non-finite pixels")
+    lo, hi = (float(v) for v in np.percentile(a, [spec.percentile_low, spec.percentile_high]))
+    if not hi > lo:
+        raise InputError(f"a 2D crop is constant ({lo:g}); cannot normalise")
+    out = resize2d(_normalise(a, lo, hi, spec), spec.crop_size)
+    return out.astype(np.float32)[None, :, :]

@@ -1,0 +1,268 @@
+"""Stage volumes with an exported model: inputs -> crops -> backend -> one stage per volume.
+
+Inputs: `.nii`/`.nii.gz` files, folders of them (not recursive), or a folder holding one DICOM
+series (used when the folder has no NIfTI file). The preprocessing comes only from the model's
+metadata (`backend.metadata.preprocess`).
+
+Masks for several inputs (`mask_dir`), looked up in this order for an input named `case1.nii.gz`
+(stem `case1`; a DICOM folder's stem is its name):
+  1. `D/case1.nii.gz`             same file name (e.g. `TotalSegmentator ... -o D/case1.nii.gz --ml`)
+  2. `D/case1/liver.nii.gz`       TotalSegmentator's one-file-per-structure output folder
+  3. `D/case1*.nii[.gz]`          exactly one file starting with the stem (e.g. `case1_seg.nii.gz`)
+With a multi-label mask, `mask_label` picks the liver (TotalSegmentator `total_mr`: liver = 5).
+
+Overlap: loading and cropping the next volume runs in one background thread while the current
+volume's crops go through the model (nibabel's gzip and numpy release the GIL enough for this;
+inference itself runs in onnxruntime's own threads). At most two volumes are in memory at once,
+and a volume's voxels are dropped as soon as its crops are cut.
+
+Each bad input becomes an entry in `errors`; the others are still staged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .aggregate import VolumeStage, aggregate
+from .errors import InputError, LiverstageError
+from .io import NIFTI_SUFFIXES, load_volume
+
+MASK_AND_BOX = "--mask/--mask-dir, --bbox and --roi are alternatives; give one of them"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """What --png draws: one axial slice (canonical [x, y]) with the crop box cut from it."""
+
+    image: np.ndarray
+    slice: int
+    box: tuple[int, int, int, int]
+
+
+@dataclasses.dataclass
+class VolumeResult:
+    input: str
+    verdict: VolumeStage
+    slices: np.ndarray          # int [N] canonical axial index per crop
+    boxes: np.ndarray           # int [N, 4] x0, y0, x1, y1 (canonical, half-open)
+    probs: np.ndarray           # float [N, C]
+    cosine: np.ndarray          # float [N, C]
+    timing: dict[str, float]    # load, preprocess, inference, total (s)
+    warnings: list[str]
+    preview: Preview | None = None
+
+
+@dataclasses.dataclass
+class PredictRun:
+    model: dict                                 # path, sha256, backend, precision
+    results: list[VolumeResult]
+    errors: list[tuple[str, str]]               # (input, one-line error)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    input: str
+    images: np.ndarray
+    slices: np.ndarray
+    boxes: np.ndarray
+    timing: dict[str, float]
+    warnings: list[str]
+    preview: Preview | None
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def resolve_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand folders of NIfTI files; a folder without any stays one input (a DICOM series)."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            niftis = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p) and not p.name.startswith("."))
+            out.extend(niftis if niftis else [path])
+        else:
+            out.append(path)
+    if not out:
+        raise InputError("no input given")
+    return out
+
+
+def find_mask(input_path: Path, mask_dir: Path) -> Path:
+    """The mask for `input_path` in `mask_dir` (rule in the module docstring); InputError if none or several."""
+    stem = _stem(input_path)
+    same = mask_dir / input_path.name
+    if _is_nifti(input_path) and same.is_file():
+        return same
+    for name in ("liver.nii.gz", "liver.nii"):
+        if (mask_dir / stem / name).is_file():
+            return mask_dir / stem / name
+    hits = sorted(p for p in mask_dir.glob(f"{stem}*") if p.is_file() and _is_nifti(p))
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise InputError(f"no mask for {input_path.name} in {mask_dir} (looked for {input_path.name if _is_nifti(input_path) else stem + '.nii.gz'}, "
+                         f"{stem}/liver.nii.gz, {stem}*.nii[.gz])")
+    raise InputError(f"several masks for {input_path.name} in {mask_dir}: {', '.join(p.name for p in hits)}")
+
+
+def load_input(path: Path):
+    """A NIfTI file or a DICOM series folder -> Volume."""
+    if path.is_dir():
+        from .dicom import is_dicom_folder, load_dicom_series  # noqa: PLC0415  (pydicom is optional)
+
+        if not is_dicom_folder(path):
+            raise InputError(f"folder {path} holds neither NIfTI files nor a DICOM series")
+        return load_dicom_series(path)
+    return load_volume(path)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, LiverstageError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Predictor:
+    """Holds the backend and the ROI options; `run(inputs)` stages them all."""
+
+    def __init__(self, backend, *, mask: str | Path | None = None, mask_dir: str | Path | None = None,
+                 mask_label: int | None = None, bbox: tuple[int, ...] | None = None, roi: str | None = None,
+                 batch_size: int = 32, keep_preview: bool = False, model_info: dict | None = None) -> None:
+        if mask is not None and mask_dir is not None:
+            raise InputError("--mask and --mask-dir are alternatives; give one of them")
+        if sum(x is not None for x in (mask or mask_dir, bbox, roi)) > 1:
+            raise InputError(MASK_AND_BOX)
+        if mask_label is not None and mask is None and mask_dir is None:
+            raise InputError("--mask-label needs --mask or --mask-dir")
+        if roi is not None and roi != "auto":
+            raise InputError(f"--roi must be 'auto', got {roi!r}")
+        if bbox is not None and len(bbox) != 6:
+            raise InputError(f"--bbox needs 6 integers x0,y0,z0,x1,y1,z1, got {len(bbox)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"--batch-size must be a positive integer, got {batch_size!r}")
+        if mask_dir is not None and not Path(mask_dir).is_dir():
+            raise InputError(f"--mask-dir is not a folder: {mask_dir}")
+        self.backend = backend
+        self.spec = backend.metadata.preprocess
+        self.mask = Path(mask) if mask is not None else None
+        self.mask_dir = Path(mask_dir) if mask_dir is not None else None
+        self.mask_label = mask_label
+        self.bbox = tuple(int(v) for v in bbox) if bbox is not None else None
+        self.roi = roi
+        self.batch_size = batch_size
+        self.keep_preview = keep_preview
+        self.model_info = model_info or {"path": str(getattr(backend, "path", "")), "sha256": "",
+                                         "backend": backend.name, "precision": backend.precision}
+
+    # -- stage 1 (background thread): load + crop ---------------------------------------------
+    def prepare(self, path: Path) -> _Prepared:
+        from .crops import crops_for_volume  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        volume = load_input(path)
+        t1 = time.perf_counter()
+        warnings = list(volume.warnings)
+        kwargs: dict = {}
+        if self.mask is not None:
+            kwargs.update(mask=self.mask, mask_label=self.mask_label)
+        elif self.mask_dir is not None:
+            kwargs.update(mask=find_mask(path, self.mask_dir), mask_label=self.mask_label)
+        elif self.bbox is not None:
+            kwargs.update(bbox=self.bbox)
+        else:
+            kwargs.update(roi="auto")
+            if self.roi is None:
+                warnings.append("no mask or box given: used --roi auto (a rough heuristic; a liver mask is better)")
+        crops = crops_for_volume(volume, spec=self.spec, **kwargs)
+        if len(crops.slices) == 0:
+            raise InputError(f"{path}: no liver region left after cropping (no slice reaches the minimum area)")
+        preview = None
+        if self.keep_preview:
+            order = np.argsort(crops.slices, kind="stable")
+            mid = int(order[len(order) // 2])
+            z = int(crops.slices[mid])
+            preview = Preview(image=np.array(volume.data[:, :, z], copy=True), slice=z,
+                              box=tuple(int(v) for v in crops.boxes[mid]))
+        del volume
+        t2 = time.perf_counter()
+        for w in crops.warnings:
+            if w not in warnings:
+                warnings.append(w)
+        return _Prepared(input=str(path), images=crops.images, slices=np.asarray(crops.slices),
+                         boxes=np.asarray(crops.boxes), timing={"load": t1 - t0, "preprocess": t2 - t1},
+                         warnings=warnings, preview=preview)
+
+    # -- stage 2 (caller's thread): inference + aggregation -------------------------------------
+    def infer(self, prepared: _Prepared) -> VolumeResult:
+        t0 = time.perf_counter()
+        probs, cosine = [], []
+        for start in range(0, len(prepared.images), self.batch_size):
+            out = self.backend.run(prepared.images[start:start + self.batch_size])
+            probs.append(out["probs"])
+            cosine.append(out["cosine"])
+        probs_arr = np.concatenate(probs).astype(np.float64)
+        cos_arr = np.concatenate(cosine).astype(np.float64)
+        if not (np.all(np.isfinite(probs_arr)) and np.all(np.isfinite(cos_arr))):
+            raise InputError(f"{prepared.input}: the model returned NaN or Inf")
+        threshold = self.backend.metadata.cosine_threshold
+        verdict = aggregate(probs_arr, cos_arr, cosine_threshold=threshold)
+        warnings = list(prepared.warnings)
+        if verdict.uncertain:
+            warnings.append(
+                f"uncertain: the crops' median best cosine {verdict.median_max_cosine:.3f} is below the model's "
+                f"threshold {threshold:.3f}; these crops look like none of the training stages"
+            )
+        t1 = time.perf_counter()
+        timing = dict(prepared.timing)
+        timing["inference"] = t1 - t0
+        timing["total"] = timing["load"] + timing["preprocess"] + timing["inference"]
+        return VolumeResult(input=prepared.input, verdict=verdict, slices=prepared.slices, boxes=prepared.boxes,
+                            probs=probs_arr, cosine=cos_arr, timing=timing, warnings=warnings,
+                            preview=prepared.preview)
+
+    def run(self, inputs: Iterable[str | Path], *,
+            on_result: Callable[[VolumeResult | None, str, str | None], None] | None = None) -> PredictRun:
+        """Stage every input, prefetching the next one while the current one runs the model.
+
+        `timing_s.total` of a volume is the time spent on it (load + preprocess + inference), not
+        counting time spent waiting for the other volume's stage.
+        """
+        paths = resolve_inputs(inputs)
+        if self.mask is not None and len(paths) > 1:
+            raise InputError(f"--mask applies to one input but {len(paths)} were given; use --mask-dir")
+        results: list[VolumeResult] = []
+        errors: list[tuple[str, str]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverstage-prefetch") as pool:
+            pending = pool.submit(self.prepare, paths[0])
+            for i, path in enumerate(paths):
+                current = pending
+                if i + 1 < len(paths):
+                    pending = pool.submit(self.prepare, paths[i + 1])
+                try:
+                    result = self.infer(current.result())
+                except Exception as exc:  # noqa: BLE001  (one bad input must not stop the others)
+                    errors.append((str(path), _one_line(exc)))
+                    if on_result:
+                        on_result(None, str(path), errors[-1][1])
+                    continue
+                results.append(result)
+                if on_result:
+                    on_result(result, str(path), None)
+        return PredictRun(model=dict(self.model_info), results=results, errors=errors)

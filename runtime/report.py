@@ -1,0 +1,166 @@
+"""Everything `predict` writes: the JSON report, the per-crop CSV, the stdout table, the PNG.
+
+Report schema (issue 6; every file is written atomically):
+    {"liverstage_version",
+     "model": {"path", "sha256", "backend", "precision"},
+     "results": [{"input", "stage", "stage_name", "probabilities": {"A", "B", "C"}, "uncertain",
+                  "crops": [{"slice", "bbox", "probabilities", "max_cosine"}],
+                  "timing_s": {"load", "preprocess", "inference", "total"}, "warnings": [...]}],
+     "errors": [{"input", "error"}]}
+`slice` is the crop's axial index and `bbox` its square box [x0, y0, x1, y1] (half-open), both
+in the volume's closest-canonical (RAS) voxel grid, which is what the crops were cut from.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_path, write_json, write_text
+from .errors import InputError
+from .stages import STAGE_NAMES, STAGES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .predict import PredictRun, VolumeResult
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _r(x: float, nd: int = 6) -> float:
+    return round(float(x), nd)
+
+
+def result_to_dict(result: "VolumeResult") -> dict[str, Any]:
+    verdict = result.verdict
+    crops = [
+        {
+            "slice": int(result.slices[i]),
+            "bbox": [int(v) for v in result.boxes[i]],
+            "probabilities": {s: _r(p) for s, p in zip(STAGES, result.probs[i])},
+            "max_cosine": _r(result.cosine[i].max()),
+        }
+        for i in range(len(result.slices))
+    ]
+    return {
+        "input": result.input,
+        "stage": verdict.stage,
+        "stage_name": STAGE_NAMES[verdict.stage],
+        "probabilities": {s: _r(p) for s, p in verdict.probabilities.items()},
+        "uncertain": verdict.uncertain,
+        "crops": crops,
+        "timing_s": {k: _r(v, 4) for k, v in result.timing.items()},
+        "warnings": list(result.warnings),
+    }
+
+
+def build_report(run: "PredictRun") -> dict[str, Any]:
+    return {
+        "liverstage_version": __version__,
+        "model": dict(run.model),
+        "results": [result_to_dict(r) for r in run.results],
+        "errors": [{"input": inp, "error": err} for inp, err in run.errors],
+    }
+
+
+def write_report(path: str | Path, run: "PredictRun") -> dict[str, Any]:
+    report = build_report(run)
+    write_json(path, report)
+    return report
+
+
+def write_crops_csv(path: str | Path, run: "PredictRun") -> None:
+    """One row per crop: input, slice, box, predicted stage, probabilities, cosines, max cosine."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["input", "slice", "x0", "y0", "x1", "y1", "predicted",
+                     *[f"prob_{s}" for s in STAGES], *[f"cos_{s}" for s in STAGES], "max_cosine"])
+    for r in run.results:
+        for i in range(len(r.slices)):
+            writer.writerow([r.input, int(r.slices[i]), *[int(v) for v in r.boxes[i]],
+                             STAGES[int(np.argmax(r.probs[i]))],
+                             *[f"{p:.6f}" for p in r.probs[i]], *[f"{c:.6f}" for c in r.cosine[i]],
+                             f"{r.cosine[i].max():.6f}"])
+    write_text(path, buf.getvalue())
+
+
+def print_table(run: "PredictRun", console=None) -> None:
+    """A short summary table on stdout (rich)."""
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    console = console or Console()
+    table = Table(title=f"liverstage predict ({run.model['backend']}, {run.model['precision']})")
+    for col in ("input", "stage", "P(A/B/C)", "crops", "uncertain", "s"):
+        table.add_column(col, justify="left" if col in ("input", "stage") else "right", overflow="fold")
+    for r in run.results:
+        v = r.verdict
+        table.add_row(Path(r.input).name, f"{v.stage} {STAGE_NAMES[v.stage]}",
+                      "/".join(f"{v.probabilities[s]:.2f}" for s in STAGES), str(len(r.slices)),
+                      "yes" if v.uncertain else "no", f"{r.timing['total']:.2f}")
+    for inp, _err in run.errors:
+        table.add_row(Path(inp).name, "[red]error[/red]", "", "", "", "")
+    console.print(table)
+    for inp, err in run.errors:
+        console.print(f"[red]error[/red] {inp}: {err}", highlight=False, markup=True, soft_wrap=True)
+
+
+def write_png(path: str | Path, run: "PredictRun") -> None:
+    """One row per volume: the mid crop's slice with its ROI box, and each crop's stage per slice."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+        from matplotlib.patches import Rectangle  # noqa: PLC0415
+    except ImportError:
+        raise InputError("--png needs matplotlib: pip install 'liverstage[plot]'") from None
+    results = [r for r in run.results if r.preview is not None]
+    if not results:
+        raise InputError("--png: no volume was staged, nothing to draw")
+    fig, axes = plt.subplots(len(results), 2, figsize=(10, 4.2 * len(results)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.4]})
+    colours = {"A": "tab:green", "B": "tab:orange", "C": "tab:red"}
+    try:
+        for row, r in zip(axes, results):
+            ax_img, ax_plot = row
+            pv = r.preview
+            # Canonical RAS [x, y]: transpose so y runs up the page and x across it.
+            ax_img.imshow(pv.image.T, cmap="gray", origin="lower", interpolation="nearest")
+            x0, y0, x1, y1 = pv.box
+            ax_img.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                       edgecolor=colours[r.verdict.stage], linewidth=1.5))
+            ax_img.invert_xaxis()  # radiological view: the patient's right on the left, anterior up
+            ax_img.set_title(f"{Path(r.input).name}\naxial slice {pv.slice}, crop box (radiological view)", fontsize=9)
+            ax_img.set_xticks([])
+            ax_img.set_yticks([])
+            order = np.argsort(r.slices)
+            for k, s in enumerate(STAGES):
+                ax_plot.plot(r.slices[order], r.probs[order, k], "-o", ms=3, color=colours[s], label=f"P({s})")
+            predicted = np.argmax(r.probs[order], axis=1)
+            ax_plot.scatter(r.slices[order], np.full(len(order), 1.06), c=[colours[STAGES[p]] for p in predicted],
+                            marker="s", s=18, clip_on=False)
+            v = r.verdict
+            note = " - UNCERTAIN" if v.uncertain else ""
+            ax_plot.set_title(f"stage {v.stage} ({STAGE_NAMES[v.stage]}), mean P = {v.probability:.2f}{note}\n"
+                              "squares: each crop's stage", fontsize=9)
+            ax_plot.set_xlabel("axial slice")
+            ax_plot.set_ylabel("probability")
+            ax_plot.set_ylim(0, 1.1)
+            ax_plot.legend(fontsize=8, loc="center right")
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

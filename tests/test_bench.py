@@ -1,0 +1,102 @@
+"""`liverstage bench` core: percentiles, FLOP counting from the ONNX graph, the report's shape.
+
+No timed assertions: speed targets are measured by benchmarks/bench_runtime.py.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from liverstage.runtime.bench import BenchConfig, count_flops, percentiles, run_bench, sibling, time_calls
+from liverstage.runtime.cli import main
+from liverstage.runtime.errors import InputError
+
+
+def test_percentiles_match_definition():
+    samples = list(range(1, 101))  # 1..100
+    p = percentiles(samples)
+    assert p["p50"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["p99"] == pytest.approx(99.01)
+    assert p["mean"] == pytest.approx(50.5)
+    with pytest.raises(ValueError):
+        percentiles([])
+
+
+def test_time_calls_counts_warmup_and_iters():
+    calls = []
+    out = time_calls(lambda: calls.append(1), warmup=3, iters=5)
+    assert len(calls) == 8 and len(out) == 5 and all(t >= 0 for t in out)
+
+
+def test_flops_of_tiny_model(tiny_model):
+    # Per crop: MatMul [1,16]x[16,8] + MatMul [1,8]x[8,3]; pooling and softmax are not counted.
+    assert count_flops(tiny_model) == 2 * 16 * 8 + 2 * 8 * 3
+
+
+def test_flops_of_conv_and_gemm(tmp_path):
+    w = numpy_helper.from_array(np.zeros((4, 2, 3, 3), np.float32), "w")           # Cout 4, Cin 2, 3x3
+    g = numpy_helper.from_array(np.zeros((5, 4 * 8 * 8), np.float32), "g")          # Gemm transB
+    shape = numpy_helper.from_array(np.array([-1, 4 * 8 * 8], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Reshape", ["c", "shape"], ["f"]),
+         helper.make_node("Gemm", ["f", "g"], ["y"], transB=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], initializer=[w, g, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    conv = 2 * (4 * 8 * 8) * (2 * 3 * 3)   # every output: Cin*kh*kw multiply-adds
+    gemm = 2 * 5 * 256
+    assert count_flops(tmp_path / "m.onnx") == conv + gemm
+
+
+def test_sibling_names(tmp_path):
+    assert sibling(tmp_path / "r18.onnx", ".int8.onnx") == tmp_path / "r18.int8.onnx"
+    assert sibling(tmp_path / "r18.onnx", ".engine") == tmp_path / "r18.engine"
+
+
+def test_run_bench_rows_and_skips(tmp_path, tiny_model, tiny_onnx):
+    int8 = tiny_onnx.build_tiny_onnx(tmp_path / "q.onnx", seed=1)  # stands in for an int8 file
+    cfg = BenchConfig(model=tiny_model, backends=("onnx", "onnx-int8", "trt"), batch_sizes=(1, 4),
+                      warmup=1, iters=3, threads=1, int8_model=int8)
+    result = run_bench(cfg)
+    rows = [r for r in result["results"] if not r["skipped"]]
+    assert [(r["backend"], r["batch_size"]) for r in rows] == [("onnx", 1), ("onnx", 4), ("onnx-int8", 1), ("onnx-int8", 4)]
+    for r in rows:
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["crops_per_s"] == pytest.approx(r["batch_size"] / (r["p50_ms"] / 1e3))
+        assert r["gflops"] == pytest.approx(result["flops_per_crop"] * r["batch_size"] / (r["p50_ms"] / 1e3) / 1e9)
+        assert r["speedup_vs_torch"] is None  # no torch row in this run
+    trt = next(r for r in result["results"] if r["backend"] == "trt")
+    assert "engine" in trt["skipped"]
+    assert result["machine"]["matmul_peak_gflops"] > 0 and result["machine"]["threads"] == 1
+
+
+def test_bench_cli_json_and_end_to_end(tmp_path, tiny_model, capsys):
+    import nibabel as nib
+
+    data = np.random.default_rng(0).normal(100, 10, (40, 40, 8)).astype(np.float32)
+    data[10:30, 12:32, :] += 300
+    nib.save(nib.Nifti1Image(data, np.diag([1.2, 1.2, 4.0, 1.0])), tmp_path / "v.nii.gz")
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", str(tiny_model), "--backends", "onnx", "--batch-sizes", "2", "--warmup", "1",
+              "--iters", "3", "--threads", "1", "--input", str(tmp_path / "v.nii.gz"), "--json", str(out)])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "warm-up 1, timed iterations 3, threads 1" in printed and "ratio" in printed
+    result = json.loads(out.read_text())
+    e2e = result["end_to_end"]
+    assert e2e["crops"] > 0 and e2e["ratio"] == pytest.approx(e2e["end_to_end_s"] / e2e["model_only_s"])
+
+
+def test_bench_bad_options(tmp_path, tiny_model, capsys):
+    with pytest.raises(InputError, match="unknown tpu"):
+        BenchConfig(model=tiny_model, backends=("tpu",)).validate()
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", str(tiny_model), "--batch-sizes", "1,x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("liverstage: error:") and "--batch-sizes" in err and len(err.splitlines()) == 1

@@ -1,0 +1,199 @@
+"""The one preprocessing path: orientation invariance, slice choice, normalisation, resampling."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel import orientations
+
+from liverstage.runtime.crops import crops_for_volume, make_crops, normalise_image2d, resize2d
+from liverstage.runtime.errors import InputError
+from liverstage.runtime.io import load_mask, load_volume
+from liverstage.runtime.spec import PreprocessSpec
+
+SPEC = PreprocessSpec(crop_size=48)
+
+# canonical -> stored: axis orders and flips (the identity plus five others)
+ORIENTATIONS = {
+    "RAS": [[0, 1], [1, 1], [2, 1]],
+    "LPS": [[0, -1], [1, -1], [2, 1]],
+    "LAS": [[0, -1], [1, 1], [2, 1]],
+    "swap_xy": [[1, 1], [0, -1], [2, 1]],
+    "RPI": [[0, 1], [1, -1], [2, -1]],
+    "z_first": [[2, -1], [0, 1], [1, 1]],
+}
+
+
+def _store(tmp_path, name, canon_data, canon_mask, canon_affine, ornt):
+    """Write the same anatomy stored with `ornt`, affine to match; return (image, mask) paths."""
+    ornt = np.array(ornt, dtype=float)
+    data = orientations.apply_orientation(canon_data, ornt)
+    mask = orientations.apply_orientation(canon_mask, ornt)
+    affine = canon_affine @ orientations.inv_ornt_aff(ornt, canon_data.shape)
+    img, msk = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), str(img))
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(mask), affine), str(msk))
+    return img, msk
+
+
+@pytest.fixture(scope="module")
+def canonical_phantom(small_volume_path):
+    """A phantom's canonical array, mask and affine, taken through the loader once."""
+    image, mask = small_volume_path
+    vol = load_volume(image)
+    region = load_mask(mask, like=vol)
+    return vol.data.astype(np.int16), region.astype(np.uint8), vol.affine
+
+
+def test_same_anatomy_any_orientation_gives_identical_crops(tmp_path, canonical_phantom):
+    data, mask, affine = canonical_phantom
+    results = {}
+    for name, ornt in ORIENTATIONS.items():
+        img, msk = _store(tmp_path, name, data, mask, affine, ornt)
+        stored_codes = nib.aff2axcodes(nib.load(str(img)).affine)
+        results[name] = (stored_codes, crops_for_volume(img, spec=SPEC, mask=msk))
+    assert len({codes for codes, _ in results.values()}) == len(ORIENTATIONS)  # really different
+    _, ref = results["RAS"]
+    assert len(ref) > 3
+    for name, (_, cs) in results.items():
+        assert cs.images.tobytes() == ref.images.tobytes(), name
+        np.testing.assert_array_equal(cs.slices, ref.slices)
+        np.testing.assert_array_equal(cs.boxes, ref.boxes)
+        np.testing.assert_allclose(cs.spacing, ref.spacing, rtol=1e-6)
+
+
+def test_bbox_in_stored_coordinates_gives_identical_crops(tmp_path, canonical_phantom):
+    data, mask, affine = canonical_phantom
+    xs, ys, zs = (np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != k)))[0] for k in range(3))
+    box_c = np.zeros(mask.shape, np.uint8)
+    box_c[xs[0] : xs[-1] + 1, ys[0] : ys[-1] + 1, zs[0] : zs[-1] + 1] = 1
+    results = []
+    for name in ("RAS", "LPS", "swap_xy", "z_first"):
+        img, msk = _store(tmp_path, name, data, box_c, affine, ORIENTATIONS[name])
+        stored = np.asanyarray(nib.load(str(msk)).dataobj)
+        lo = [int(np.nonzero(stored.any(axis=tuple(a for a in range(3) if a != k)))[0][0]) for k in range(3)]
+        hi = [int(np.nonzero(stored.any(axis=tuple(a for a in range(3) if a != k)))[0][-1]) + 1 for k in range(3)]
+        results.append(crops_for_volume(img, spec=SPEC, bbox=tuple(lo + hi)))
+        by_mask = crops_for_volume(img, spec=SPEC, mask=msk)
+        assert by_mask.images.tobytes() == results[-1].images.tobytes()
+    for cs in results[1:]:
+        assert cs.images.tobytes() == results[0].images.tobytes()
+
+
+def test_slice_choice_boxes_and_range(small_volume_path):
+    image, mask = small_volume_path
+    vol = load_volume(image)
+    region = load_mask(mask, like=vol)
+    spec = PreprocessSpec(crop_size=40, min_area_fraction=0.5, box_margin=0.25)
+    cs = make_crops(vol, region, spec)
+    areas = region.sum(axis=(0, 1))
+    np.testing.assert_array_equal(cs.slices, np.nonzero(areas >= 0.5 * areas.max())[0])
+    assert cs.images.shape == (len(cs.slices), 1, 40, 40) and cs.images.dtype == np.float32
+    assert cs.images.min() >= spec.clip_low and cs.images.max() <= spec.clip_high
+    assert cs.region_voxels == int(region.sum())
+    for z, (x0, y0, x1, y1) in zip(cs.slices, cs.boxes):
+        assert x1 - x0 == y1 - y0  # square
+        xs = np.nonzero(region[:, :, z].any(axis=1))[0]
+        ys = np.nonzero(region[:, :, z].any(axis=0))[0]
+        side = max(xs[-1] + 1 - xs[0], ys[-1] + 1 - ys[0])
+        assert x0 <= xs[0] and xs[-1] < x1 and y0 <= ys[0] and ys[-1] < y1  # region inside
+        assert x1 - x0 >= side * 1.5  # grown by the margin on both sides
+    # the liver's own intensities land around 0..1: its median between the percentiles
+    lo, hi = cs.intensity_range
+    assert lo < float(np.median(vol.data[region])) < hi
+
+
+def test_affine_intensity_change_does_not_change_crops(tmp_path, canonical_phantom):
+    data, mask, affine = canonical_phantom
+    a = tmp_path / "a.nii.gz"
+    b = tmp_path / "b.nii.gz"
+    m = tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(a))
+    nib.save(nib.Nifti1Image(data.astype(np.float32) * 4.0 + 256.0, affine), str(b))
+    nib.save(nib.Nifti1Image(mask, affine), str(m))
+    ca, cb = crops_for_volume(a, spec=SPEC, mask=m), crops_for_volume(b, spec=SPEC, mask=m)
+    np.testing.assert_allclose(ca.images, cb.images, atol=1e-5)
+
+
+def test_nan_inside_region_refused_outside_tolerated(tmp_path, canonical_phantom):
+    data, mask, affine = canonical_phantom
+    data = data.astype(np.float32)
+    m = tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(mask, affine), str(m))
+    outside = data.copy()
+    outside[0, 0, :] = np.nan  # a corner, in every slice
+    path = tmp_path / "out_nan.nii.gz"
+    nib.save(nib.Nifti1Image(outside, affine), str(path))
+    cs = crops_for_volume(path, spec=SPEC, mask=m)
+    assert np.isfinite(cs.images).all()
+    inside = data.copy()
+    idx = np.argwhere(mask > 0)[len(np.argwhere(mask > 0)) // 2]
+    inside[tuple(idx)] = np.inf
+    path = tmp_path / "in_nan.nii.gz"
+    nib.save(nib.Nifti1Image(inside, affine), str(path))
+    with pytest.raises(InputError, match="non-finite"):
+        crops_for_volume(path, spec=SPEC, mask=m)
+
+
+def test_constant_region_refused(tmp_path):
+    data = np.random.default_rng(0).random((20, 20, 6)).astype(np.float32)
+    data[5:15, 5:15, :] = 3.0
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    with pytest.raises(InputError, match="constant"):
+        crops_for_volume(path, spec=SPEC, bbox=(6, 6, 0, 14, 14, 6))
+
+
+def test_region_must_match_volume(small_volume_path):
+    vol = load_volume(small_volume_path[0])
+    with pytest.raises(InputError, match="shape"):
+        make_crops(vol, np.ones((3, 3, 3), bool), SPEC)
+    with pytest.raises(InputError, match="empty"):
+        make_crops(vol, np.zeros(vol.shape, bool), SPEC)
+
+
+def test_exactly_one_region_source(small_volume_path):
+    image, mask = small_volume_path
+    with pytest.raises(InputError, match="exactly one"):
+        crops_for_volume(image, spec=SPEC)
+    with pytest.raises(InputError, match="exactly one"):
+        crops_for_volume(image, spec=SPEC, mask=mask, roi="auto")
+
+
+# --- resampling ---------------------------------------------------------------------------
+
+
+def test_resize_same_size_is_identity():
+    a = np.random.default_rng(3).random((17, 17))
+    np.testing.assert_array_equal(resize2d(a, 17), a)
+
+
+def test_shrinking_is_anti_aliased():
+    checker = (np.indices((96, 96)).sum(axis=0) % 2).astype(np.float64)  # highest frequency
+    small = resize2d(checker, 24)
+    assert abs(small.mean() - 0.5) < 1e-9
+    assert small.std() < 0.02  # nearest/point sampling would give all 0 or all 1 here
+    naive = checker[::4, ::4]
+    assert naive.std() == 0.0 and naive.mean() in (0.0, 1.0)
+
+
+def test_enlarging_interpolates_between_pixels():
+    ramp = np.tile(np.arange(8, dtype=np.float64), (8, 1))
+    big = resize2d(ramp, 32)
+    assert np.all(np.diff(big, axis=1) >= -1e-12) and np.all(np.diff(big, axis=0) == 0)
+    assert big.min() >= 0 and big.max() <= 7
+
+
+def test_normalise_image2d():
+    spec = PreprocessSpec(crop_size=32)
+    img = np.random.default_rng(4).normal(100, 10, (50, 70))
+    out = normalise_image2d(img, spec)
+    assert out.shape == (1, 32, 32) and out.dtype == np.float32
+    assert spec.clip_low <= out.min() and out.max() <= spec.clip_high
+    rgb = np.stack([img, img, img], axis=-1)
+    np.testing.assert_allclose(normalise_image2d(rgb, spec), out, atol=1e-6)
+    with pytest.raises(InputError, match="constant"):
+        normalise_image2d(np.ones((10, 10)), spec)
+    with pytest.raises(InputError, match="2D"):
+        normalise_image2d(np.ones((4, 10, 10, 2)), spec)

@@ -1,0 +1,385 @@
+"""The paper's protocol in one call: repeated patient-level splits x backbones x losses x margins.
+
+Layout of an experiment folder EXP:
+
+    EXP/experiment.json                 settings (checked on restart: same settings or refuse)
+    EXP/runs/<r>/split.json             run r's seed and train / test patient ids
+    EXP/runs/<r>/test_patients.txt      the same test ids, one per line (the trainer's input)
+    EXP/runs/<r>/<backbone>-<loss>[-m<margin>]/   one `liverstage train` run directory
+        model.pt, history.csv, metrics.json, predictions.csv, confusion.png, curves.png, angles.png
+    EXP/table1..5.md/.csv, EXP/results.json, EXP/accuracy.png
+
+Protocol:
+- Run r uses seed `seed + r` for its split (80/20 by patient, stratified by stage, from
+  train.splits.patient_split) and for training. Every method in run r trains on the same training
+  patients and is tested on the same test patients, so methods are compared in pairs.
+- softmax (and asm) have no margin and are trained once per run; amcl and dr-amcl once per margin.
+- Resumable: a method whose run directory holds metrics.json and predictions.csv is finished and
+  skipped; one with only model.pt is resumed with the trainer's --resume. experiment.json pins the
+  settings that change results, so a restart with different settings is refused instead of mixing
+  runs made under two settings.
+- The tables are computed from each run's predictions.csv with train.metrics.compute_metrics (the
+  same function the trainer uses), so every number in them can be recomputed from the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..runtime.atomic import write_json, write_text
+from ..runtime.errors import InputError
+from .tables import LOSS_ORDER, MARGIN_LOSSES, RunResult, build_tables, method_label
+
+RESULTS_FORMAT = "liverstage-experiment-results"
+SETTINGS_FORMAT = "liverstage-experiment"
+# Train options that do not change results (where and how fast), so a restart may change them.
+NON_RESULT_OPTIONS = frozenset({"device", "workers", "num_workers", "progress", "quiet", "verbose", "log_every"})
+# TrainConfig fields the experiment itself sets per run.
+PER_RUN_FIELDS = frozenset({"manifest", "backbone", "loss", "margin", "seed", "out", "resume", "test_patients"})
+
+
+@dataclass
+class ExperimentConfig:
+    """What `liverstage experiment` was asked to do."""
+
+    manifest: Path
+    out: Path
+    backbones: Sequence[str] = ("vgg16", "resnet18", "resnet50")
+    losses: Sequence[str] = ("softmax", "amcl", "dr-amcl")
+    margins: Sequence[float] = (0.5,)
+    runs: int = 6
+    seed: int = 0
+    test_fraction: float = 0.2
+    note: str = ""                                  # e.g. "phantoms": shown in titles
+    train_options: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field
+
+    def validate(self) -> None:
+        if not Path(self.manifest).is_file():
+            raise InputError(f"manifest not found: {self.manifest}")
+        if self.runs < 1:
+            raise InputError(f"--runs must be at least 1, got {self.runs}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise InputError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
+        if not self.backbones:
+            raise InputError("--backbones needs at least one backbone")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise InputError(f"--backbones lists a name twice: {','.join(self.backbones)}")
+        bad = [l for l in self.losses if l not in LOSS_ORDER]
+        if bad or not self.losses:
+            raise InputError(f"unknown loss {','.join(bad) or '(none)'} (expected some of {', '.join(LOSS_ORDER)})")
+        if len(set(self.losses)) != len(self.losses):
+            raise InputError(f"--losses lists a loss twice: {','.join(self.losses)}")
+        if any(l in MARGIN_LOSSES for l in self.losses):
+            if not self.margins:
+                raise InputError("--margins needs at least one margin for amcl / dr-amcl")
+            for m in self.margins:
+                if not (math.isfinite(m) and 0.0 <= m < math.pi / 2):
+                    raise InputError(f"--margins: {m} is outside [0, pi/2)")
+            if len({round(m, 6) for m in self.margins}) != len(self.margins):
+                raise InputError(f"--margins lists a margin twice: {self.margins}")
+        clash = sorted(PER_RUN_FIELDS & set(self.train_options))
+        if clash:
+            raise InputError(f"train option(s) {', '.join(clash)} are set by the experiment per run")
+
+
+@dataclass(frozen=True)
+class Method:
+    backbone: str
+    loss: str
+    margin: float | None
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.backbone}-{self.loss}" + ("" if self.margin is None else f"-m{self.margin:.2f}")
+
+    def label(self, *, show_margin: bool = False) -> str:
+        return method_label(self.backbone, self.loss, self.margin, show_margin=show_margin)
+
+
+def methods_for(config: ExperimentConfig) -> list[Method]:
+    """Backbones in the given order; losses in the paper's order; margins ascending."""
+    out = []
+    losses = sorted(config.losses, key=LOSS_ORDER.index)
+    for b in config.backbones:
+        for l in losses:
+            if l in MARGIN_LOSSES:
+                out += [Method(b, l, float(m)) for m in sorted(config.margins)]
+            else:
+                out.append(Method(b, l, None))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def effective_train_options(config: ExperimentConfig) -> dict:
+    """Every TrainConfig option as it will be used (trainer defaults overlaid with the given ones),
+    without the per-run fields. Unknown option names are refused here, before any training."""
+    from .trainer import TrainConfig  # noqa: PLC0415
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(config.train_options) - set(fields))
+    if unknown:
+        raise InputError(f"unknown train option(s): {', '.join(unknown)}")
+    out = {}
+    for name, f in fields.items():
+        if name in PER_RUN_FIELDS:
+            continue
+        if name in config.train_options:
+            out[name] = config.train_options[name]
+        elif f.default is not dataclasses.MISSING:
+            out[name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def pinned_settings(config: ExperimentConfig) -> dict:
+    """The settings that change results: a restart must match them."""
+    options = effective_train_options(config)
+    return {
+        "manifest_sha256": _sha256(Path(config.manifest)),
+        "seed": int(config.seed),
+        "test_fraction": float(config.test_fraction),
+        "train_options": _jsonable({k: v for k, v in sorted(options.items()) if k not in NON_RESULT_OPTIONS}),
+    }
+
+
+def _check_or_write_settings(config: ExperimentConfig) -> None:
+    path = Path(config.out) / "experiment.json"
+    pinned = pinned_settings(config)
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise InputError(f"{path} is unreadable; remove it or use another --out") from None
+        old = stored.get("pinned", {})
+        diffs = [k for k in pinned if old.get(k) != pinned[k]]
+        if diffs:
+            detail = []
+            for k in diffs:
+                if k == "train_options":
+                    a, b = old.get(k) or {}, pinned[k]
+                    keys = sorted(kk for kk in set(a) | set(b) if a.get(kk) != b.get(kk))
+                    detail += [f"{kk} {a.get(kk)!r} -> {b.get(kk)!r}" for kk in keys]
+                else:
+                    detail.append(k.replace("_sha256", " contents"))
+            raise InputError(f"{config.out} was made with other settings ({'; '.join(detail)}); "
+                             "use the same settings to resume, or another --out")
+    record = {
+        "format": SETTINGS_FORMAT,
+        "format_version": 1,
+        "manifest": str(Path(config.manifest).resolve()),
+        "backbones": list(config.backbones),
+        "losses": list(config.losses),
+        "margins": [float(m) for m in config.margins],
+        "runs": int(config.runs),
+        "note": config.note,
+        "pinned": pinned,
+    }
+    write_json(path, record)
+
+
+def patients_and_stages(manifest: Path) -> tuple[list[str], list[str]]:
+    """Unique patient ids (manifest order) and their stages."""
+    from ..runtime.manifest import read_manifest  # noqa: PLC0415
+
+    stage_of: dict[str, str] = {}
+    for row in read_manifest(manifest):
+        stage_of.setdefault(row.patient_id, row.stage)
+    return list(stage_of), [stage_of[p] for p in stage_of]
+
+
+def run_split(config: ExperimentConfig, run: int, patients: list[str], stages: list[str]) -> dict:
+    """Run `run`'s split, made once and then read back (so resumed runs keep their patients)."""
+    run_root = Path(config.out) / "runs" / str(run)
+    path = run_root / "split.json"
+    if path.is_file():
+        split = json.loads(path.read_text())
+        unknown = sorted(set(split["test"]) - set(patients))
+        if unknown:
+            raise InputError(f"{path} names test patients not in the manifest: {', '.join(unknown[:5])}")
+        return split
+    from .splits import patient_split  # noqa: PLC0415
+
+    seed = int(config.seed) + run
+    train, _val, test = patient_split(patients, stages, test_fraction=config.test_fraction,
+                                      val_fraction=0.0, seed=seed)
+    split = {"run": run, "seed": seed, "train": sorted(map(str, train)), "test": sorted(map(str, test))}
+    write_text(run_root / "test_patients.txt", "\n".join(split["test"]) + "\n")
+    write_json(path, split)
+    return split
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
+
+
+def metrics_from_predictions(run_dir: Path) -> dict:
+    """Test metrics recomputed from predictions.csv with the trainer's own metrics function."""
+    from .metrics import compute_metrics  # noqa: PLC0415
+    from .plots import read_predictions  # noqa: PLC0415
+
+    pred = read_predictions(Path(run_dir) / "predictions.csv")
+    return _jsonable(compute_metrics(pred["labels"], pred["probs"], pred["patient_ids"]))
+
+
+def _train_config(config: ExperimentConfig, method: Method, run: int, run_dir: Path, test_file: Path,
+                  test_ids: list[str], resume: bool):
+    """A TrainConfig for one (run, method); every field not set here keeps the trainer's default."""
+    from .trainer import TrainConfig  # noqa: PLC0415
+
+    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    kwargs = dict(config.train_options)
+    kwargs.update(manifest=Path(config.manifest), backbone=method.backbone, loss=method.loss,
+                  seed=int(config.seed) + run, out=run_dir, resume=resume)
+    if method.margin is not None:
+        kwargs["margin"] = method.margin
+    # test_patients: the trainer may take a file (as --test-patients FILE) or the ids themselves
+    annotation = str(names["test_patients"].type) if "test_patients" in names else ""
+    kwargs["test_patients"] = (list(test_ids) if ("list" in annotation or "Sequence" in annotation
+                                                   or "tuple" in annotation) else test_file)
+    kwargs = {k: v for k, v in kwargs.items() if k in names}
+    return TrainConfig(**kwargs)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, desc="experiment", unit="run", position=0, leave=True,
+                disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def _log(message: str, bar) -> None:
+    bar.write(f"experiment: {message}", file=sys.stderr)
+
+
+def figure_title(method: Method, run: int, note: str, *, show_margin: bool) -> str:
+    title = f"{method.label(show_margin=True if method.margin is not None else show_margin)}, run {run}"
+    return f"{title} ({note})" if note else title
+
+
+def run_experiment(config: ExperimentConfig, *, progress: bool = True,
+                   train_fn: Callable | None = None) -> dict:
+    """Train every (run, method) not yet finished, then write tables, figures and results.json.
+
+    `train_fn(TrainConfig) -> run dir` defaults to train.trainer.train_run (a different one is for
+    tests that count calls). Returns the results.json content.
+    """
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_settings(config)
+    patients, stages = patients_and_stages(Path(config.manifest))
+    methods = methods_for(config)
+    show_margin = len(config.margins) > 1
+    if train_fn is None:
+        from .trainer import train_run as train_fn  # noqa: PLC0415
+    from .plots import RUN_FIGURES, plot_run  # noqa: PLC0415
+
+    splits = {r: run_split(config, r, patients, stages) for r in range(config.runs)}
+    results: list[RunResult] = []
+    trained = skipped = 0
+    bar = _progress(config.runs * len(methods), progress)
+    try:
+        for r in range(config.runs):
+            run_root = out / "runs" / str(r)
+            for method in methods:
+                run_dir = run_root / method.dirname
+                bar.set_postfix_str(f"run {r} {method.dirname}")
+                if is_finished(run_dir):
+                    skipped += 1
+                    _log(f"run {r} {method.dirname}: finished earlier, skipped", bar)
+                else:
+                    resume = (run_dir / "model.pt").is_file()
+                    _log(f"run {r} {method.dirname}: {'resuming' if resume else 'training'}", bar)
+                    cfg = _train_config(config, method, r, run_dir, run_root / "test_patients.txt",
+                                        splits[r]["test"], resume)
+                    train_fn(cfg)
+                    trained += 1
+                    if not is_finished(run_dir):
+                        raise InputError(f"training wrote no metrics.json / predictions.csv in {run_dir}")
+                if not all((run_dir / f).is_file() for f in RUN_FIGURES):
+                    plot_run(run_dir, title=figure_title(method, r, config.note, show_margin=show_margin))
+                results.append(RunResult(r, method.backbone, method.loss, method.margin,
+                                         str(run_dir.relative_to(out)), metrics_from_predictions(run_dir)))
+                bar.update(1)
+    finally:
+        bar.close()
+    summary = write_outputs(config, results, splits)
+    summary["trained"], summary["skipped"] = trained, skipped
+    _log(f"{trained} trained, {skipped} skipped; tables in {out}", bar)
+    return summary
+
+
+def write_outputs(config: ExperimentConfig, results: list[RunResult], splits: dict) -> dict:
+    """Tables, the paired-accuracy figure and results.json (all atomic)."""
+    out = Path(config.out)
+    tables, paired = build_tables(results, backbone_order=list(config.backbones), seed=int(config.seed))
+    note = f" Data: {config.note}." if config.note else ""
+    written = []
+    for t in tables:
+        if note:
+            t.title = t.title.rstrip() + note
+        written += [str(p.relative_to(out)) for p in t.write(out)]
+    try:
+        from .plots import plot_paired_accuracy  # noqa: PLC0415
+
+        plot_paired_accuracy(out / "accuracy.png", results, title=("Test accuracy per run" +
+                                                                     (f" ({config.note})" if config.note else "")))
+        written.append("accuracy.png")
+    except ImportError:  # matplotlib missing: tables still stand
+        pass
+    show_margin = len(config.margins) > 1
+    summary = {
+        "format": RESULTS_FORMAT,
+        "format_version": 1,
+        "manifest": str(Path(config.manifest).resolve()),
+        "note": config.note,
+        "settings": {
+            "backbones": list(config.backbones), "losses": list(config.losses),
+            "margins": [float(m) for m in config.margins], "runs": int(config.runs), "seed": int(config.seed),
+            "test_fraction": float(config.test_fraction), "train_options": _jsonable(effective_train_options(config)),
+        },
+        "metrics_source": "train.metrics.compute_metrics on each run's predictions.csv",
+        "std": "sample standard deviation over runs (ddof=1)",
+        "intervals": "paired by run; tables show the 95% Student t interval of the mean difference, "
+                     "results.json also holds a percentile bootstrap (10000 resamples, fixed seed)",
+        "splits": {str(r): {"seed": s["seed"], "test": s["test"]} for r, s in splits.items()},
+        "runs": [dict(r.to_dict(), method=method_label(r.backbone, r.loss, r.margin, show_margin=show_margin))
+                 for r in results],
+        "paired_vs_softmax": _jsonable(paired),
+        "files": written,
+    }
+    write_json(out / "results.json", _jsonable(summary))
+    return summary

@@ -1,0 +1,392 @@
+"""`train_run(TrainConfig) -> RUN`: one readable training loop (after torchvision's reference script).
+
+What a run does:
+1. Reads the manifest, makes every crop once through the runtime's preprocessing (cached on disk
+   per volume, keyed by the PreprocessSpec hash) and keeps them in memory as one tensor.
+2. Splits patients 80/20 (stratified by stage, seeded) or takes the imposed test patients;
+   `val_fraction` > 0 sets aside validation patients from the training side. The test set is
+   never looked at before the end.
+3. Trains with Adam (paper defaults: lr 5e-5, 100 epochs, s = 30, m = 0.5). Data order and
+   augmentation are drawn from a generator that depends only on (seed, epoch), and the global
+   torch RNG (dropout) is reseeded from (seed, epoch, rank) every epoch, so a resumed run is
+   exactly the run that was never stopped (on CPU; GPU kernels may be non-deterministic).
+4. Checkpoints every epoch atomically: RUN/last.pt (model + optimizer + history, for
+   --resume) and, with validation, RUN/best.pt when validation improves (accuracy, ties broken
+   by the lower validation loss). The final model is the best validation epoch, else the last.
+5. Evaluates the final model on the test patients: RUN/model.pt (the contract checkpoint, with
+   test metrics), metrics.json, predictions.csv, and history.csv (one row per epoch).
+
+GPU: autocast in bf16 (fp16 + GradScaler where bf16 is missing) with the angular head in fp32
+(the head disables autocast itself), channels_last. Under torchrun (WORLD_SIZE > 1) it trains
+with DistributedDataParallel (nccl on GPU, gloo on CPU); each process takes every
+world_size-th crop of the epoch's permutation with a per-process batch of `batch_size`.
+A final training batch of one crop is dropped (BatchNorm cannot train on a single 1x1 map).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from liverstage.runtime.atomic import write_json, write_text
+from liverstage.runtime.errors import InputError
+from liverstage.runtime.manifest import read_manifest
+from liverstage.runtime.spec import PreprocessSpec
+
+from .checkpoint import checkpoint_dict, read_checkpoint_dict, write_checkpoint_dict
+from .data import CropData, augment, default_cache_dir, draw_augmentation, epoch_generator, load_crops
+from .evaluate import amp_dtype_for, autocast_context, evaluate_data, predictions_csv, resolve_device
+from .metrics import to_jsonable
+from .model import LOSSES, StagingNet, build_model
+from .splits import patient_split, split_with_test
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                   "val_kappa_quadratic", "val_patient_accuracy", "seconds", "crops_per_second")
+# Arguments that must be equal for --resume to continue a run (epochs may grow).
+RESUME_KEYS = ("manifest", "backbone", "loss", "scale", "margin", "lr", "batch_size", "crop_size",
+               "seed", "val_fraction", "test_fraction", "test_patients", "pretrained")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every argument of `liverstage train` (see `validate` for the allowed values)."""
+
+    manifest: Path
+    out: Path
+    backbone: str = "resnet18"
+    loss: str = "amcl"
+    scale: float = 30.0
+    margin: float = 0.5
+    epochs: int = 100
+    lr: float = 5e-5
+    batch_size: int = 32
+    crop_size: int = 224
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    val_fraction: float = 0.0
+    test_fraction: float = 0.2
+    test_patients: list[str] | None = None
+    pretrained: Path | None = None
+    workers: int = 0
+    cache_dir: Path | None = None
+    progress: bool = True
+    overwrite: bool = False
+
+    def validate(self) -> "TrainConfig":
+        self.manifest = Path(self.manifest)
+        self.out = Path(self.out)
+        if self.loss not in LOSSES:
+            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise InputError(f"--scale must be a positive number, got {self.scale!r}")
+        if not 0.0 <= self.margin < math.pi / 2:
+            raise InputError(f"--margin must be in [0, pi/2) radians, got {self.margin!r}")
+        if self.loss == "asm":
+            self.margin = 0.0  # ASM is the angular head without margin
+        for name, low in (("epochs", 1), ("batch_size", 2), ("workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.crop_size, int) or not 16 <= self.crop_size <= 2048:
+            raise InputError(f"--crop-size must be an integer in [16, 2048], got {self.crop_size!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise InputError(f"test fraction must be in (0, 1), got {self.test_fraction!r}")
+        if not 0.0 <= self.val_fraction < 1.0 - self.test_fraction:
+            raise InputError(f"--val-fraction must be in [0, {1 - self.test_fraction:g}), got {self.val_fraction!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.pretrained is not None:
+            self.pretrained = Path(self.pretrained)
+            if not self.pretrained.is_file():
+                raise InputError(f"--pretrained file not found: {self.pretrained}")
+        if self.test_patients is not None:
+            self.test_patients = sorted({str(p) for p in self.test_patients})
+        return self
+
+    def to_args(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else v)
+        if self.manifest:
+            out["manifest"] = str(Path(self.manifest).resolve())
+        return out
+
+
+class TrainStep(nn.Module):
+    """Trunk + head in one forward, so DistributedDataParallel syncs the head's gradient too."""
+
+    def __init__(self, model: StagingNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.model(images)
+        return self.model.loss(emb, labels), self.model.class_logits(emb).detach()
+
+
+@dataclasses.dataclass
+class _Dist:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    owned: bool = False  # we initialised the process group (and destroy it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _init_distributed(device_name: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist  # noqa: PLC0415
+
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    owned = False
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owned = True
+    return _Dist(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=local, owned=owned)
+
+
+def _seed_int(*parts: int) -> int:
+    return int(epoch_generator(*parts[:2], salt=parts[2] if len(parts) > 2 else 0).initial_seed())
+
+
+def _history_csv(history: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
+                         for k in HISTORY_COLUMNS})
+    return buf.getvalue()
+
+
+def _log_default(line: str) -> None:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    tqdm.write(line)
+
+
+def _check_resume(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    now = config.to_args()
+    for key in RESUME_KEYS:
+        if saved.get(key) != now.get(key):
+            raise InputError(f"--resume: {path} was trained with {key}={saved.get(key)!r}, not {now.get(key)!r}")
+
+
+def train_run(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> Path:
+    """Train as `config` says; return the RUN directory (config.out)."""
+    config.validate()
+    dist_info = _init_distributed(config.device)
+    try:
+        return _train(config, dist_info, log or _log_default)
+    finally:
+        if dist_info.owned:
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) -> Path:
+    main = dist_info.main
+    say = log if main else (lambda _line: None)
+    device = resolve_device(config.device)
+    if device.type == "cuda" and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    run = config.out
+    last_path, best_path = run / "last.pt", run / "best.pt"
+    if not config.resume and not config.overwrite and ((run / "last.pt").exists() or (run / "model.pt").exists()):
+        raise InputError(f"{run} already holds a run; use --resume to continue it or choose another --out")
+
+    # ---- data (rank 0 fills the cache first, the others then read it)
+    rows = read_manifest(config.manifest)
+    spec = PreprocessSpec(crop_size=config.crop_size)
+    cache_dir = config.cache_dir if config.cache_dir is not None else default_cache_dir()
+    crops: CropData | None = None
+    if main:
+        crops = load_crops(rows, spec, cache_dir=cache_dir, workers=config.workers, progress=config.progress)
+    dist_info.barrier()
+    if not main:
+        crops = load_crops(rows, spec, cache_dir=cache_dir, workers=0, progress=False)
+    assert crops is not None
+    stage_of = {r.patient_id: r.stage for r in rows}
+    pids, stages = list(stage_of), list(stage_of.values())
+
+    # ---- resume state or a fresh split
+    state = None
+    if config.resume and last_path.is_file():
+        state = read_checkpoint_dict(last_path)
+        _check_resume(state["args"], config, last_path)
+        splits = state["splits"]
+        say(f"resuming {run} after epoch {state['epoch']}")
+    else:
+        if config.resume:
+            say(f"nothing to resume in {run}; starting a new run")
+        if config.test_patients:
+            train_ids, val_ids, test_ids = split_with_test(pids, stages, config.test_patients,
+                                                           val_fraction=config.val_fraction, seed=config.seed)
+        else:
+            train_ids, val_ids, test_ids = patient_split(pids, stages, test_fraction=config.test_fraction,
+                                                         val_fraction=config.val_fraction, seed=config.seed)
+        splits = {"train": train_ids, "val": val_ids, "test": test_ids}
+    train_data, val_data, test_data = (crops.subset(splits[k]) for k in ("train", "val", "test"))
+    say(f"{len(crops)} crops of {len(pids)} patients; train {len(splits['train'])} patients / {len(train_data)} crops, "
+        f"val {len(splits['val'])} / {len(val_data)}, test {len(splits['test'])} / {len(test_data)}; device {device}"
+        + (f" x{dist_info.world} processes" if dist_info.world > 1 else ""))
+
+    # ---- model and optimiser
+    torch.manual_seed(config.seed)
+    model = build_model(config.backbone, config.loss, scale=config.scale, margin=config.margin,
+                        pretrained=config.pretrained).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state.get("history") or [])
+        best = state.get("best")
+        start_epoch = int(state["epoch"])
+    step: nn.Module = TrainStep(model)
+    if dist_info.world > 1:
+        step = nn.parallel.DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = amp_dtype_for(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    images = torch.from_numpy(train_data.images)
+    if device.type == "cuda" and images.numel() * 4 < 4 << 30:
+        images = images.to(device)  # whole training set on the GPU: no per-batch copies
+    labels = torch.from_numpy(train_data.labels).to(device)
+    n_train = len(train_data)
+    args = config.to_args()
+    fields = dict(preprocess=spec, args=args, splits=splits, manifest=config.manifest)
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(_seed_int(config.seed, epoch, 1 + dist_info.rank))
+        gen = epoch_generator(config.seed, epoch)
+        order = torch.randperm(n_train, generator=gen)
+        aug = draw_augmentation(n_train, gen)
+        if dist_info.world > 1:
+            pad = (-n_train) % dist_info.world
+            order = torch.cat([order, order[:pad]])[dist_info.rank::dist_info.world]
+        batches = [b for b in order.split(config.batch_size) if len(b) > 1]
+        model.train()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.float64)
+        seen = 0
+        bar = None
+        if main and config.progress:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+        for i, idx in enumerate(batches):
+            x = images[idx.to(images.device)].to(device, non_blocking=True)
+            y = labels[idx.to(labels.device)]
+            x = augment(x, aug.take(idx, device))
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp_dtype):
+                loss, logits = step(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.argmax(1) == y).sum().double()
+            seen += len(y)
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0 or i == len(batches) - 1:
+                    bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.4f}")
+        if bar is not None:
+            bar.close()
+        totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device, dtype=torch.float64)])
+        if dist_info.world > 1:
+            torch.distributed.all_reduce(totals)
+        train_loss = float(totals[0] / totals[2].clamp(min=1))
+        if not math.isfinite(train_loss):
+            raise RuntimeError(f"training loss became {train_loss} at epoch {epoch + 1}")
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
+                               "train_accuracy": float(totals[1] / totals[2].clamp(min=1))}
+        improved = False
+        if main and len(val_data):
+            val_metrics, _ = evaluate_data(model, val_data, batch_size=max(config.batch_size, 64),
+                                           device=device, amp_dtype=amp_dtype)
+            row.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"],
+                       val_kappa_quadratic=val_metrics["kappa_quadratic"],
+                       val_patient_accuracy=val_metrics["patient_accuracy"])
+            key = (val_metrics["accuracy"], -val_metrics["loss"])
+            if best is None or key > (best["val_accuracy"], -best["val_loss"]):
+                best = {"epoch": epoch + 1, "val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"]}
+                improved = True
+        seconds = time.perf_counter() - t0
+        row["seconds"] = seconds
+        row["crops_per_second"] = totals[2].item() / seconds
+        history.append(row)
+        if main:
+            if improved:
+                write_checkpoint_dict(best_path, checkpoint_dict(model, epoch=epoch + 1, **fields))
+            last = checkpoint_dict(model, epoch=epoch + 1, **fields,
+                                   extra={"optimizer": optimizer.state_dict(), "history": history, "best": best})
+            write_checkpoint_dict(last_path, last)
+            write_text(run / "history.csv", _history_csv(history))
+            parts = [f"epoch {epoch + 1}/{config.epochs}", f"loss {row['train_loss']:.4f}",
+                     f"acc {row['train_accuracy']:.3f}"]
+            if "val_accuracy" in row:
+                parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.3f}"]
+            parts += [f"{seconds:.1f}s", f"{row['crops_per_second']:.1f} crops/s"]
+            say("  ".join(parts))
+        dist_info.barrier()
+
+    # ---- the final model and the test set (rank 0 only)
+    if main:
+        chosen = len(history)
+        if len(val_data) and best is not None and best_path.is_file():
+            model.load_state_dict(read_checkpoint_dict(best_path)["state_dict"])
+            chosen = int(best["epoch"])
+            say(f"selected epoch {chosen} on validation patients (accuracy {best['val_accuracy']:.3f})")
+        metrics, raw = evaluate_data(model, test_data, batch_size=max(config.batch_size, 64), device=device,
+                                     amp_dtype=amp_dtype)
+        metrics["epoch"] = chosen
+        metrics = to_jsonable(metrics)
+        write_text(run / "predictions.csv", predictions_csv(test_data, raw["probs"], raw["cosine"]))
+        write_json(run / "metrics.json", metrics)
+        write_checkpoint_dict(run / "model.pt", checkpoint_dict(model, epoch=chosen, metrics=metrics, **fields))
+        say(f"test: accuracy {metrics['accuracy']:.4f}  kappa {_fmt(metrics['kappa_quadratic'])}  "
+            f"patient accuracy {metrics['patient_accuracy']:.4f}  MR A->C {_fmt(metrics['mr_a_to_c'])}  "
+            f"MR C->A {_fmt(metrics['mr_c_to_a'])}  -> {run / 'model.pt'}")
+    dist_info.barrier()
+    return run
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

@@ -67,18 +67,28 @@ def export_models(folder: Path) -> tuple[Path, Path, Path]:
     return ckpt, fp32, int8
 
 
+# Linux carries the RSS high-water mark across fork + exec (exec records the old address space's
+# peak), so a child forked straight from this big process (torch, a 512^3-ish phantom) would report
+# OUR peak. A bare Python launcher (small) starts the measured child and reports its ru_maxrss.
+_LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_memory_of_predict(volume: Path, mask: Path, model: Path, threads: int | None) -> tuple[float, float, int]:
-    """(peak RSS in GB, wall s, exit code) of `liverstage predict` in a child process (os.wait4 rusage)."""
+    """(peak RSS in GB, wall s, exit code) of `liverstage predict` in a child process (ru_maxrss)."""
     report = volume.with_suffix(".report.json")
-    cmd = [sys.executable, "-c", "from liverstage.runtime.cli import main; main()", "predict", str(volume), "--model", str(model),
-           "--mask", str(mask), "--report", str(report), "--quiet", "--batch-size", "16"]
+    cmd = [sys.executable, "-c", "from liverstage.runtime.cli import main; main()", "predict", str(volume),
+           "--model", str(model), "--mask", str(mask), "--report", str(report), "--quiet", "--batch-size", "16"]
     if threads:
         cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024**2, time.perf_counter() - t0, proc.returncode  # ru_maxrss is KiB on Linux
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True, check=True)
+    maxrss_kib, code = (int(v) for v in out.stdout.split())
+    return maxrss_kib / 1024**2, time.perf_counter() - t0, code  # ru_maxrss is KiB on Linux
 
 
 def main() -> None:

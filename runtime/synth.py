@@ -35,7 +35,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import nibabel as nib
 import numpy as np
+from nibabel import orientations
 
 from .atomic import atomic_dir
 from .stages import STAGES
@@ -165,7 +167,7 @@ def _cylinder(X, Y, c, ax) -> np.ndarray:
 
 
 def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_plane: int = 224,
-                  slices: int = 46) -> Phantom:
+                  slices: int = 47) -> Phantom:
     """Draw phantom `index` of the cohort `seed` (deterministic for (seed, index, sizes)).
 
     in_plane: matrix size (square); the field of view varies per patient, so the spacing does.
@@ -277,7 +279,7 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     # --- liver: right lobe + left lobe + caudate, smooth union, kept inside the body wall
     lx, ly = bx + a * u(0.28, 0.38), by + b * u(-0.05, 0.12)
     lobes = [
-        ((lx, ly, lz), tuple(v * size for v in (a * 0.42 * right_lobe, b * 0.62 * right_lobe, 85.0 * right_lobe))),
+        ((lx, ly, lz), tuple(v * size for v in (a * 0.42 * right_lobe, b * 0.62 * right_lobe, 85.0))),
         ((lx - a * u(0.5, 0.6), ly + b * u(0.25, 0.38), lz + 25.0 * size),
          tuple(v * size * u(0.85, 1.15) for v in (a * 0.33, b * 0.28, 45.0))),
         ((lx - a * 0.3, ly - b * 0.32, lz + 15.0 * size),
@@ -347,8 +349,6 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     affine[:3, 3] = [x[0], y[0], z[0]]
     affine[:3, 3] += [u(-20, 20), u(-20, 20), u(-400, -100)]  # table position
     k = int(rng.integers(len(STORED_ORIENTATIONS)))
-    from nibabel import orientations  # noqa: PLC0415
-
     ornt = np.array(STORED_ORIENTATIONS[k], dtype=float)
     stored = np.ascontiguousarray(orientations.apply_orientation(data, ornt))
     stored_mask = np.ascontiguousarray(orientations.apply_orientation(mask, ornt))
@@ -358,7 +358,7 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
         "septa": round(sep_delta, 4), "heterogeneity": round(het_amp, 4), "caudate_factor": round(caudate, 3),
         "right_lobe_factor": round(right_lobe, 3), "spleen_factor": round(spleen, 3),
         "spacing_mm": [round(h, 4), round(h, 4), round(dz, 4)], "slices": nz, "noise": round(sigma, 4),
-        "orientation": "".join(__import__("nibabel").aff2axcodes(stored_affine)),
+        "orientation": "".join(nib.aff2axcodes(stored_affine)),
     }
     return Phantom(data=stored, mask=stored_mask, affine=stored_affine, stage=stage, params=params)
 
@@ -373,7 +373,7 @@ def synth_cohort(
     patients: int = 117,
     seed: int = 0,
     in_plane: int = 224,
-    slices: int = 46,
+    slices: int = 47,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write `patients` phantoms to out_dir (whole or not at all) and return its manifest.csv.
@@ -382,8 +382,6 @@ def synth_cohort(
     OUT/images/<id>.nii.gz, OUT/masks/<id>.nii.gz (1 = liver), OUT/README.txt and
     OUT/PHANTOMS_NOT_PATIENTS.txt. `progress(done, total)` is called after each phantom.
     """
-    import nibabel as nib  # noqa: PLC0415
-
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
     out = Path(out_dir)

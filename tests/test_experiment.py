@@ -24,7 +24,8 @@ RUNS = 2
 
 
 def _args(manifest, out, *extra):
-    return ["experiment", "--manifest", str(manifest), "--out", str(out), "--backbones", "resnet18",
+    cache = out.parent / "crop-cache"
+    return ["experiment", "--cache-dir", str(cache), "--manifest", str(manifest), "--out", str(out), "--backbones", "resnet18",
             "--losses", "softmax,amcl", "--margins", "0.5", "--runs", str(RUNS), "--epochs", "1",
             "--crop-size", "32", "--batch-size", "16", "--device", "cpu", "--note", "phantoms",
             "--no-progress", *extra]

@@ -40,9 +40,10 @@ from .tables import LOSS_ORDER, MARGIN_LOSSES, RunResult, build_tables, method_l
 RESULTS_FORMAT = "liverstage-experiment-results"
 SETTINGS_FORMAT = "liverstage-experiment"
 # Train options that do not change results (where and how fast), so a restart may change them.
-NON_RESULT_OPTIONS = frozenset({"device", "workers", "num_workers", "progress", "quiet", "verbose", "log_every"})
+NON_RESULT_OPTIONS = frozenset({"device", "workers", "cache_dir", "progress"})
 # TrainConfig fields the experiment itself sets per run.
-PER_RUN_FIELDS = frozenset({"manifest", "backbone", "loss", "margin", "seed", "out", "resume", "test_patients"})
+PER_RUN_FIELDS = frozenset({"manifest", "backbone", "loss", "margin", "seed", "out", "resume", "overwrite",
+                            "test_patients", "test_fraction"})
 
 
 @dataclass
@@ -242,7 +243,8 @@ def run_split(config: ExperimentConfig, run: int, patients: list[str], stages: l
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
+    """The trainer writes predictions.csv, metrics.json, then model.pt: all three mean done."""
+    return all((run_dir / name).is_file() for name in ("predictions.csv", "metrics.json", "model.pt"))
 
 
 def metrics_from_predictions(run_dir: Path) -> dict:
@@ -261,8 +263,11 @@ def _train_config(config: ExperimentConfig, method: Method, run: int, run_dir: P
 
     names = {f.name: f for f in dataclasses.fields(TrainConfig)}
     kwargs = dict(config.train_options)
+    # resume from last.pt (checkpointed every epoch) where a killed run left one; otherwise start
+    # afresh, replacing whatever partial files an unfinished run left behind
     kwargs.update(manifest=Path(config.manifest), backbone=method.backbone, loss=method.loss,
-                  seed=int(config.seed) + run, out=run_dir, resume=resume)
+                  seed=int(config.seed) + run, out=run_dir, resume=resume, overwrite=not resume,
+                  test_fraction=float(config.test_fraction))
     if method.margin is not None:
         kwargs["margin"] = method.margin
     # test_patients: the trainer may take a file (as --test-patients FILE) or the ids themselves
@@ -297,11 +302,16 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
     tests that count calls). Returns the results.json content.
     """
     config.validate()
+    methods = methods_for(config)
     out = Path(config.out)
+    effective_train_options(config)  # unknown option names are refused here
+    # every train option is checked by the trainer's own validation before anything is written
+    for method in methods:
+        _train_config(config, method, 0, out / "runs" / "0" / method.dirname, out / "test_patients.txt",
+                      ["-"], False).validate()
+    patients, stages = patients_and_stages(Path(config.manifest))
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_settings(config)
-    patients, stages = patients_and_stages(Path(config.manifest))
-    methods = methods_for(config)
     show_margin = len(config.margins) > 1
     if train_fn is None:
         from .trainer import train_run as train_fn  # noqa: PLC0415
@@ -321,7 +331,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
                     skipped += 1
                     _log(f"run {r} {method.dirname}: finished earlier, skipped", bar)
                 else:
-                    resume = (run_dir / "model.pt").is_file()
+                    resume = (run_dir / "last.pt").is_file()
                     _log(f"run {r} {method.dirname}: {'resuming' if resume else 'training'}", bar)
                     cfg = _train_config(config, method, r, run_dir, run_root / "test_patients.txt",
                                         splits[r]["test"], resume)

@@ -192,6 +192,38 @@ def _log_default(line: str) -> None:
     tqdm.write(line)
 
 
+def train_steps(step: nn.Module, optimizer: torch.optim.Optimizer, scaler, images: torch.Tensor,
+                labels: torch.Tensor, batches: list[torch.Tensor], aug, *, device: torch.device,
+                amp_dtype: torch.dtype | None, bar=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass over `batches` (index tensors into the in-memory crops): augment, forward under
+    autocast, backward, Adam step. Returns (summed loss, correct count, crops seen), the sums as
+    device tensors so that no step waits for the device. Used by train_run and the benchmark."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    seen = 0
+    for i, idx in enumerate(batches):
+        x = images[idx.to(images.device)].to(device, non_blocking=True)
+        y = labels[idx.to(labels.device)]
+        if aug is not None:
+            x = augment(x, aug.take(idx, device))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp_dtype):
+            loss, logits = step(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum().double()
+        seen += len(y)
+        if bar is not None:
+            bar.update(1)
+            if i % 10 == 0 or i == len(batches) - 1:
+                bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.4f}")
+    return loss_sum, correct, seen
+
+
 def _check_resume(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     now = config.to_args()
     for key in RESUME_KEYS:
@@ -300,35 +332,17 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
             order = torch.cat([order, order[:pad]])[dist_info.rank::dist_info.world]
         batches = [b for b in order.split(config.batch_size) if len(b) > 1]
         model.train()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.float64)
-        seen = 0
         bar = None
         if main and config.progress:
             from tqdm.auto import tqdm  # noqa: PLC0415
 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
-        for i, idx in enumerate(batches):
-            x = images[idx.to(images.device)].to(device, non_blocking=True)
-            y = labels[idx.to(labels.device)]
-            x = augment(x, aug.take(idx, device))
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp_dtype):
-                loss, logits = step(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.argmax(1) == y).sum().double()
-            seen += len(y)
+        try:
+            loss_sum, correct, seen = train_steps(step, optimizer, scaler, images, labels, batches, aug,
+                                                  device=device, amp_dtype=amp_dtype, bar=bar)
+        finally:
             if bar is not None:
-                bar.update(1)
-                if i % 10 == 0 or i == len(batches) - 1:
-                    bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.4f}")
-        if bar is not None:
-            bar.close()
+                bar.close()
         totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device, dtype=torch.float64)])
         if dist_info.world > 1:
             torch.distributed.all_reduce(totals)
@@ -367,6 +381,15 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
             say("  ".join(parts))
         dist_info.barrier()
 
+    # ---- under DDP, record a checksum of every rank's weights (they must agree)
+    ddp_info: dict[str, Any] = {"world_size": dist_info.world}
+    if dist_info.world > 1:
+        with torch.no_grad():
+            checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(dist_info.world)]
+        torch.distributed.all_gather(gathered, checksum)
+        ddp_info["param_checksums"] = [float(t.item()) for t in gathered]
+
     # ---- the final model and the test set (rank 0 only)
     if main:
         chosen = len(history)
@@ -380,7 +403,8 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
         metrics = to_jsonable(metrics)
         write_text(run / "predictions.csv", predictions_csv(test_data, raw["probs"], raw["cosine"]))
         write_json(run / "metrics.json", metrics)
-        write_checkpoint_dict(run / "model.pt", checkpoint_dict(model, epoch=chosen, metrics=metrics, **fields))
+        write_checkpoint_dict(run / "model.pt", checkpoint_dict(model, epoch=chosen, metrics=metrics, **fields,
+                                                                extra={"distributed": ddp_info}))
         say(f"test: accuracy {metrics['accuracy']:.4f}  kappa {_fmt(metrics['kappa_quadratic'])}  "
             f"patient accuracy {metrics['patient_accuracy']:.4f}  MR A->C {_fmt(metrics['mr_a_to_c'])}  "
             f"MR C->A {_fmt(metrics['mr_c_to_a'])}  -> {run / 'model.pt'}")

@@ -25,9 +25,11 @@ def _names(text: str, *, option: str) -> list[str]:
     return items
 
 
-def _coerce(value: str, default, key: str):
-    """Convert a --train-option string to the type of the trainer field's default."""
+def _coerce(value: str, default, key: str, annotation: str = ""):
+    """Convert a --train-option string to the type of the trainer field (its default, or a Path)."""
     text = value.strip()
+    if "Path" in annotation:
+        return None if text.lower() in {"none", ""} else Path(text)
     if isinstance(default, bool):
         if text.lower() in {"1", "true", "yes", "on"}:
             return True
@@ -62,7 +64,7 @@ def parse_train_options(items: list[str]) -> dict:
                              f"(known: {', '.join(sorted(fields))})")
         f = fields[key]
         default = f.default if f.default is not dataclasses.MISSING else None
-        out[key] = _coerce(value, default, key)
+        out[key] = _coerce(value, default, key, str(f.type))
     return out
 
 
@@ -90,6 +92,8 @@ def register(app: typer.Typer) -> None:
                                                   help="Share of training patients for model selection."),
         pretrained: Path | None = typer.Option(None, "--pretrained",
                                                help="Local torchvision ImageNet state_dict (one backbone only)."),
+        workers: int | None = typer.Option(None, "--workers", min=0, help="Processes cutting volume crops."),
+        cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Crop cache folder (trainer default)."),
         train_option: list[str] = typer.Option([], "--train-option",
                                                help="Any other trainer option as KEY=VALUE (repeatable)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -103,8 +107,6 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--scale must be positive, got {scale}")
         if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
             raise InputError(f"--val-fraction must lie in [0, 1), got {val_fraction}")
-        if device is not None and device not in {"auto", "cpu", "cuda"}:
-            raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
         if pretrained is not None and not pretrained.is_file():
             raise InputError(f"--pretrained file not found: {pretrained}")
         backbone_list = _names(backbones, option="--backbones")
@@ -115,7 +117,8 @@ def register(app: typer.Typer) -> None:
 
         options = parse_train_options(train_option)
         given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "crop_size": crop_size, "scale": scale,
-                 "device": device, "val_fraction": val_fraction, "pretrained": pretrained}
+                 "device": device, "val_fraction": val_fraction, "pretrained": pretrained, "workers": workers,
+                 "cache_dir": cache_dir, "progress": progress}
         options.update({k: v for k, v in given.items() if v is not None})
         try:
             from liverstage.train.backbones import available_backbones  # noqa: PLC0415

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         patients: int = typer.Option(117, "--patients", "-n", min=1, max=100000, help="Number of phantoms."),
         seed: int = typer.Option(0, "--seed", min=0, help="Random seed; the same seed gives the same cohort."),
         in_plane: int = typer.Option(224, "--in-plane", min=32, max=1024, help="In-plane matrix size (voxels)."),
-        slices: int = typer.Option(46, "--slices", min=6, max=1000, help="Mean slice count (varies +-15 % per phantom)."),
+        slices: int = typer.Option(47, "--slices", min=6, max=1000, help="Mean slice count (varies +-15 % per phantom)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Write synthetic liver PHANTOMS (not patients): NIfTI volumes, liver masks, manifest.csv.

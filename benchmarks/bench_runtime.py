@@ -15,15 +15,12 @@ synthetic phantoms, NOT patients, centre-cropped along z to the exact slice coun
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 
 def make_phantom(folder: Path, name: str, *, in_plane: int, slices: int, index: int = 0) -> tuple[Path, Path]:
@@ -56,10 +53,15 @@ def export_models(folder: Path) -> tuple[Path, Path, Path]:
 
     torch.manual_seed(0)
     net = build_model("resnet18", "amcl").eval()
-    ckpt = save_checkpoint(folder / "model.pt", net, preprocess=PreprocessSpec(crop_size=224), args={}, splits={},
-                           manifest=None, epoch=0)
+    ckpt = folder / "model.pt"
+    if not ckpt.is_file():
+        save_checkpoint(ckpt, net, preprocess=PreprocessSpec(crop_size=224), args={}, splits={}, manifest=None,
+                        epoch=0)
     fp32, int8 = folder / "resnet18.onnx", folder / "resnet18.int8.onnx"
     for path, precision in ((fp32, "fp32"), (int8, "int8")):
+        if path.is_file():  # --out DIR from an earlier run: reuse
+            print(f"reusing {path}", flush=True)
+            continue
         t0 = time.perf_counter()
         print(f"exporting {precision} ...", flush=True)
         export_checkpoint(ckpt, path, ExportOptions(precision=precision), echo=lambda s: None)
@@ -98,51 +100,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="keep models and phantoms here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
-    parser.add_argument("--skip-memory", action="store_true", help="skip the 512x512x200 memory run")
+    parser.add_argument("--parts", default="1,2,3,4", help="which figures to measure (1,2 share one run)")
     args = parser.parse_args()
-
-    from liverstage.runtime.backends import open_backend
-    from liverstage.runtime.bench import BenchConfig, end_to_end, run_bench
+    parts = {p.strip() for p in args.parts.split(",")}
 
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     folder = Path(tmp.name) if tmp else args.out
     folder.mkdir(parents=True, exist_ok=True)
     ckpt, fp32, int8 = export_models(folder)
 
-    print(f"\n[1, 2] ResNet18 at 224 px, batch 16, {args.threads} thread(s), {args.warmup} warm-up + {args.iters} runs",
-          flush=True)
-    cfg = BenchConfig(model=fp32, backends=("torch", "onnx", "onnx-int8"), batch_sizes=(16,), warmup=args.warmup,
-                      iters=args.iters, threads=args.threads, int8_model=int8, checkpoint=ckpt)
-    bench = run_bench(cfg, log=lambda s: print("  " + s, flush=True))
-    rows = {r["backend"]: r for r in bench["results"] if not r["skipped"]}
-    for r in bench["results"]:
-        if r["skipped"]:
-            print(f"  {r['backend']} skipped: {r['skipped']}")
-    print(f"  matmul peak {bench['machine']['matmul_peak_gflops']:.1f} GFLOP/s; "
-          f"{bench['flops_per_crop'] / 1e9:.2f} GFLOP per crop")
-    for name in ("torch", "onnx", "onnx-int8"):
-        if name in rows:
-            r = rows[name]
-            print(f"  {name:10s} p50 {r['p50_ms']:8.1f} ms  p90 {r['p90_ms']:8.1f}  p99 {r['p99_ms']:8.1f}  "
-                  f"{r['crops_per_s']:7.1f} crops/s  {r['gflops']:6.1f} GFLOP/s ({100 * r['fraction_of_peak']:.0f}% of peak)")
-    figures: dict = {"bench": bench}
-    if "torch" in rows:
-        figures["onnx_fp32_speedup"] = rows["onnx"]["speedup_vs_torch"]
-        figures["onnx_int8_speedup"] = rows["onnx-int8"]["speedup_vs_torch"] if "onnx-int8" in rows else None
-        print(f"  ONNX Runtime fp32 vs PyTorch eager fp32: {figures['onnx_fp32_speedup']:.2f}x   (target >= 1.9x)")
-        if figures["onnx_int8_speedup"]:
-            print(f"  ONNX Runtime int8 vs PyTorch eager fp32: {figures['onnx_int8_speedup']:.2f}x   (target >= 5x)")
-
-    print("\n[3] end to end vs model-only, 40-slice phantom (not a patient), liver mask, batch 16", flush=True)
-    vol40, mask40 = make_phantom(folder, "phantom40", in_plane=224, slices=40)
-    backend = open_backend(fp32, device="cpu", threads=args.threads)
-    e2e_cfg = BenchConfig(model=fp32, batch_sizes=(16,), iters=args.iters, input_volume=vol40)
-    e2e = end_to_end(e2e_cfg, backend, mask=mask40, log=lambda s: print("  " + s, flush=True))
-    figures["end_to_end"] = e2e
-    print(f"  {e2e['crops']} crops: end to end {e2e['end_to_end_s']:.3f} s, model only {e2e['model_only_s']:.3f} s: "
-          f"ratio {e2e['ratio']:.3f}   (target <= 1.25)")
-
-    if not args.skip_memory:
+    figures: dict = {}
+    if parts & {"1", "2"}:
+        speed(figures, args, ckpt, fp32, int8)
+    if "3" in parts:
+        end_to_end_figure(figures, args, folder, fp32)
+    if "4" in parts:
         print("\n[4] peak memory of `liverstage predict` on a 512x512x200 phantom (not a patient)", flush=True)
         big, big_mask = make_phantom(folder, "phantom512", in_plane=512, slices=200)
         gb, wall, code = peak_memory_of_predict(big, big_mask, fp32, args.threads)
@@ -157,6 +129,48 @@ def main() -> None:
     if tmp:
         tmp.cleanup()
     print("\nPhantoms are synthetic, not patients; timings depend on this machine and its load.")
+
+
+def speed(figures: dict, args, ckpt: Path, fp32: Path, int8: Path) -> None:
+    from liverstage.runtime.bench import BenchConfig, run_bench
+
+    print(f"\n[1, 2] ResNet18 at 224 px, batch 16, {args.threads} thread(s), {args.warmup} warm-up + {args.iters} runs",
+          flush=True)
+    cfg = BenchConfig(model=fp32, backends=("torch", "onnx", "onnx-int8"), batch_sizes=(16,), warmup=args.warmup,
+                      iters=args.iters, threads=args.threads, int8_model=int8, checkpoint=ckpt)
+    bench = run_bench(cfg, log=lambda s: print("  " + s, flush=True))
+    rows = {r["backend"]: r for r in bench["results"] if not r["skipped"]}
+    for r in bench["results"]:
+        if r["skipped"]:
+            print(f"  {r['backend']} skipped: {r['skipped']}")
+    print(f"  matmul peak {bench['machine']['matmul_peak_gflops']:.1f} GFLOP/s; "
+          f"{bench['flops_per_crop'] / 1e9:.2f} GFLOP per crop (numpy BLAS: {bench['machine']['matmul_blas']})")
+    for name in ("torch", "onnx", "onnx-int8"):
+        if name in rows:
+            r = rows[name]
+            print(f"  {name:10s} p50 {r['p50_ms']:8.1f} ms  p90 {r['p90_ms']:8.1f}  p99 {r['p99_ms']:8.1f}  "
+                  f"{r['crops_per_s']:7.1f} crops/s  {r['gflops']:6.1f} GFLOP/s ({100 * r['fraction_of_peak']:.0f}% of peak)")
+    figures["bench"] = bench
+    if "torch" in rows:
+        figures["onnx_fp32_speedup"] = rows["onnx"]["speedup_vs_torch"]
+        figures["onnx_int8_speedup"] = rows["onnx-int8"]["speedup_vs_torch"] if "onnx-int8" in rows else None
+        print(f"  ONNX Runtime fp32 vs PyTorch eager fp32: {figures['onnx_fp32_speedup']:.2f}x   (target >= 1.9x)")
+        if figures["onnx_int8_speedup"]:
+            print(f"  ONNX Runtime int8 vs PyTorch eager fp32: {figures['onnx_int8_speedup']:.2f}x   (target >= 5x)")
+
+
+def end_to_end_figure(figures: dict, args, folder: Path, fp32: Path) -> None:
+    from liverstage.runtime.backends import open_backend
+    from liverstage.runtime.bench import BenchConfig, end_to_end
+
+    print("\n[3] end to end vs model-only, 40-slice phantom (not a patient), liver mask, batch 16", flush=True)
+    vol40, mask40 = make_phantom(folder, "phantom40", in_plane=224, slices=40)
+    backend = open_backend(fp32, device="cpu", threads=args.threads)
+    e2e_cfg = BenchConfig(model=fp32, batch_sizes=(16,), iters=args.iters, input_volume=vol40)
+    e2e = end_to_end(e2e_cfg, backend, mask=mask40, log=lambda s: print("  " + s, flush=True))
+    figures["end_to_end"] = e2e
+    print(f"  {e2e['crops']} crops: end to end {e2e['end_to_end_s']:.3f} s, model only {e2e['model_only_s']:.3f} s: "
+          f"ratio {e2e['ratio']:.3f}   (target <= 1.25)")
 
 
 if __name__ == "__main__":

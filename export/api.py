@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from liverstage.runtime.atomic import atomic_dir, write_bytes, write_json, write_text
+from liverstage.runtime.atomic import write_bytes, write_json
 from liverstage.runtime.errors import InputError
 from liverstage.runtime.model_meta import PRECISIONS, ModelMetadata
 
@@ -134,7 +134,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
         machine = machine_info()  # BackendUnavailable (exit code 2) before any work
         echo(f"TensorRT {machine['tensorrt_version']} on {machine['gpu_name']} (sm {machine['compute_capability']})")
 
-    import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
     from liverstage.train.checkpoint import checkpoint_spec, load_checkpoint  # noqa: PLC0415
@@ -221,23 +220,23 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
 
     written: list[Path] = []
     if options.fmt == "triton":
-        from .triton import MODEL_FILE, config_pbtxt  # noqa: PLC0415
+        from .triton import MODEL_FILE, config_pbtxt, write_repository  # noqa: PLC0415
 
         name = options.model_name or f"liverstage_{meta.backbone}_{meta.loss.replace('-', '_')}_{options.precision}"
-        with atomic_dir(out / name) as tmp:
-            (tmp / "1").mkdir()
-            (tmp / "1" / MODEL_FILE).write_bytes(model_bytes)
-            (tmp / "config.pbtxt").write_text(config_pbtxt(
-                model_name=name, meta=meta, max_batch_size=options.batch_max,
-                preferred_batch_sizes=[options.batch_opt, options.batch_max]), encoding="utf-8")
-            write_json(tmp / (MODEL_FILE + PARITY_SUFFIX), report)
+
+        def extras(folder: Path) -> None:
+            write_json(folder / (MODEL_FILE + PARITY_SUFFIX), report)
             card = model_card.build_card(meta=meta, ckpt=ckpt, model_file=f"1/{MODEL_FILE}", parity=report,
                                          engine="triton-onnxruntime")
-            md, js = model_card.write_card(tmp, card)
-        model_path = out / name / "1" / MODEL_FILE
-        parity_path = out / name / (MODEL_FILE + PARITY_SUFFIX)
-        cards = (out / name / md.name, out / name / js.name)
-        written = [model_path, out / name / "config.pbtxt", parity_path, *cards]
+            model_card.write_card(folder, card)
+
+        folder = write_repository(out, name, model_bytes=model_bytes, write_extras=extras, config_text=config_pbtxt(
+            model_name=name, meta=meta, max_batch_size=options.batch_max,
+            preferred_batch_sizes=[options.batch_opt, options.batch_max]))
+        model_path = folder / "1" / MODEL_FILE
+        parity_path = folder / (MODEL_FILE + PARITY_SUFFIX)
+        cards = (folder / model_card.CARD_MD, folder / model_card.CARD_JSON)
+        written = [model_path, folder / "config.pbtxt", parity_path, *cards]
     elif options.engine == "onnx":
         write_bytes(out, model_bytes)
         parity_path = out.with_name(out.name + PARITY_SUFFIX)

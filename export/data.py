@@ -6,7 +6,9 @@ Where they come from, in order (issue 5):
    calibration and the cosine threshold, validation patients for the temperature, validation
    and test patients for parity.
 3. Otherwise a few freshly generated synthetic phantoms (labelled; not patients).
-Crops are made with the checkpoint's PreprocessSpec through the runtime's one crop pipeline.
+Crops are made with the checkpoint's PreprocessSpec through the training data path
+(train.data.load_crops, i.e. the runtime's one crop pipeline), each patient read once, and each
+set capped at MAX_CROPS evenly spaced crops to keep an export quick on a laptop.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class Crops:
             return self
         index = np.linspace(0, len(self) - 1, limit).round().astype(int)
         return Crops(self.images[index], self.labels[index], [self.patients[i] for i in index], self.source)
+
+    def select(self, patients: set[str], source: str) -> "Crops":
+        """The crops of `patients` (in their original order)."""
+        keep = [i for i, p in enumerate(self.patients) if p in patients]
+        return Crops(self.images[keep], self.labels[keep], [self.patients[i] for i in keep], source)
 
     @property
     def n_patients(self) -> int:
@@ -96,33 +103,28 @@ def export_crops(ckpt: dict, spec: PreprocessSpec, *, calibration_manifest: str 
     """Pick the crop sets for one export (see the module docstring for the order)."""
     from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
 
-    threshold = None
     own = checkpoint_manifest(ckpt)
-    splits = ckpt.get("splits") or {}
-    if own is not None and splits.get("train"):
-        try:
-            threshold = crops_from_rows(_rows_for(own, set(splits["train"])), spec,
-                                        source=f"training patients of {own}").subsample(max_crops)
+    splits = {name: set(ckpt.get("splits", {}).get(name) or []) for name in ("train", "val", "test")}
+    everyone = None
+    if own is not None and splits["train"]:
+        try:  # every crop of the checkpoint's patients, read once
+            everyone = crops_from_rows(_rows_for(own, set().union(*splits.values())), spec, source=str(own))
         except InputError:
-            threshold = None
+            everyone = None  # moved or changed files: fall back below
+    threshold = (everyone.select(splits["train"], f"training patients of {own}").subsample(max_crops)
+                 if everyone is not None else None)
+    if threshold is not None and not len(threshold):
+        threshold = None
     if calibration_manifest is not None:
         path = Path(calibration_manifest)
         crops = crops_from_rows(read_manifest(path), spec, source=str(path)).subsample(max_crops)
         return ExportCrops(parity=crops, calibration=crops, temperature=crops, threshold=threshold)
-    if own is not None and threshold is not None:
-        val = set(splits.get("val") or [])
-        held_out = val | set(splits.get("test") or [])
-        if held_out:
-            try:
-                parity = crops_from_rows(_rows_for(own, held_out), spec,
-                                         source=f"validation/test patients of {own}").subsample(max_crops)
-                temperature = (crops_from_rows(_rows_for(own, val), spec,
-                                               source=f"validation patients of {own}").subsample(max_crops)
-                               if val else None)
-                return ExportCrops(parity=parity, calibration=threshold, temperature=temperature,
-                                   threshold=threshold)
-            except InputError:
-                pass
-        return ExportCrops(parity=threshold, calibration=threshold, temperature=None, threshold=threshold)
+    if threshold is not None:
+        held_out = everyone.select(splits["val"] | splits["test"], f"validation/test patients of {own}")
+        val = everyone.select(splits["val"], f"validation patients of {own}")
+        return ExportCrops(parity=(held_out if len(held_out) else threshold).subsample(max_crops),
+                           calibration=threshold,
+                           temperature=val.subsample(max_crops) if len(val) else None,
+                           threshold=threshold)
     crops = phantom_crops(spec).subsample(max_crops)
     return ExportCrops(parity=crops, calibration=crops, temperature=None, threshold=None)

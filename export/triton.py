@@ -10,6 +10,10 @@ The preprocessing stays in the ONNX metadata (`liverstage` key): a client cuts c
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
+from liverstage.runtime.atomic import atomic_dir
 from liverstage.runtime.model_meta import ModelMetadata
 
 MODEL_FILE = "model.onnx"
@@ -67,3 +71,20 @@ parameters {{
 
 def valid_model_name(name: str) -> bool:
     return bool(name) and all(ch.isalnum() or ch in "-_." for ch in name) and not name.startswith(".")
+
+
+def write_repository(root: Path, name: str, *, model_bytes: bytes, config_text: str,
+                     write_extras: Callable[[Path], None] | None = None) -> Path:
+    """Write ROOT/<name>/{config.pbtxt, 1/model.onnx} (+ extras) as one atomic folder.
+
+    `write_extras(folder)` adds files (parity report, model card) inside the same temporary
+    folder, so a failure or a kill at any point leaves no partial model folder behind.
+    Returns ROOT/<name>.
+    """
+    with atomic_dir(Path(root) / name) as tmp:
+        (tmp / "1").mkdir()
+        (tmp / "1" / MODEL_FILE).write_bytes(model_bytes)
+        (tmp / "config.pbtxt").write_text(config_text, encoding="utf-8")
+        if write_extras is not None:
+            write_extras(tmp)
+    return Path(root) / name

@@ -7,7 +7,8 @@ Geometry (DICOM PS3.3 C.7.6.2, as nibabel's DICOM orientation notes explain it):
   must share orientation, pixel spacing and shape, and be evenly spaced.
 - Voxel (i = column, j = row, k = slice) sits at IPP_0 + i*dc*r + j*dr*c + k*step, in DICOM's LPS
   patient coordinates; flipping the first two axes gives nibabel's RAS affine.
-The array [i, j, k] and that affine go through the same canonical (RAS) path as a NIfTI file.
+The array [i, j, k] and that affine go through the same canonical (RAS) path as a NIfTI file;
+a `--bbox` for a series is given in this (column, row, slice in position order) grid.
 """
 
 from __future__ import annotations

@@ -154,3 +154,33 @@ def test_cli_engine_problems_are_one_line(tmp_path, tiny_onnx, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith("liverstage: error:") and expected in err and len(err.splitlines()) == 1, err
     assert not report.exists()
+
+
+def test_auto_prefers_a_matching_sibling_engine(tmp_path, tiny_onnx, monkeypatch):
+    """--device auto with X.onnx: X.engine built from this very ONNX wins if it runs here; else ORT."""
+    from liverstage.runtime.backends import tensorrt as trt_backend
+    from liverstage.runtime.report import file_sha256
+
+    onnx_path = tiny_onnx.build_tiny_onnx(tmp_path / "model.onnx")
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\x00fake")
+
+    def sidecar(sha):
+        key = trt_backend.engine_key(onnx_sha256=sha, tensorrt_version="11.0.0", gpu_name="GPU", compute_capability="9.0",
+                                     precision="fp16", profile={"min": 1, "opt": 16, "max": 64})
+        trt_backend.write_sidecar(engine, key, tiny_onnx.tiny_metadata(crop_size=32).replace(precision="fp16"))
+
+    class FakeTRT:
+        name, precision = "tensorrt", "fp16"
+
+        def __init__(self, path):
+            self.path, self.metadata = path, trt_backend.read_sidecar(path)[1]
+
+    sidecar(file_sha256(onnx_path))
+    # TensorRT absent here: auto passes the engine over and runs ONNX Runtime.
+    assert open_backend(onnx_path).name.startswith("onnxruntime")
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", FakeTRT)
+    assert open_backend(onnx_path).name == "tensorrt"
+    assert open_backend(onnx_path, device="cpu").name == "onnxruntime-cpu"
+    sidecar("f" * 64)  # an engine from another export of the model is never picked
+    assert open_backend(onnx_path).name.startswith("onnxruntime")

@@ -58,6 +58,8 @@ def test_experiment_writes_all_tables_figures_and_results(experiment):
     t1 = (experiment / "table1.md").read_text()
     assert "| ResNet18 |" in t1 and "| ResNet18+AMCL |" in t1 and "phantoms" in t1 and "±" in t1
     assert (experiment / "accuracy.png").read_bytes()[:8] == PNG_MAGIC
+    summary = (experiment / "summary.md").read_text()
+    assert "phantoms" in summary and "epochs 1" in summary and "crop_size 32" in summary and t1 in summary
     results = json.loads((experiment / "results.json").read_text())
     assert len(results["runs"]) == RUNS * len(METHODS)
     for entry in results["runs"]:

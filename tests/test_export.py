@@ -70,9 +70,13 @@ def crops(small_cohort):
 
 
 @pytest.fixture(scope="module")
-def amcl_checkpoint(tmp_path_factory, small_cohort, crops):
-    net = realistic_model("resnet18", "amcl", crops[0])
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", net, small_cohort)
+def r18_amcl(crops):
+    return realistic_model("resnet18", "amcl", crops[0])
+
+
+@pytest.fixture(scope="module")
+def amcl_checkpoint(tmp_path_factory, small_cohort, r18_amcl):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", r18_amcl, small_cohort)
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:
@@ -93,10 +97,10 @@ def run_cli_ok(args, capsys) -> str:
 
 # --- graph and export ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backbone,loss", [("resnet18", "dr-amcl"), ("resnet50", "softmax")])
-def test_onnx_export_matches_torch(backbone, loss, crops):
+@pytest.mark.parametrize("backbone,loss", [("resnet18", "amcl"), ("resnet50", "softmax")])
+def test_onnx_export_matches_torch(backbone, loss, crops, r18_amcl):
     images, _ = crops
-    net = realistic_model(backbone, loss, images)
+    net = r18_amcl if backbone == "resnet18" else realistic_model(backbone, loss, images[:16])
     graph = InferenceGraph(net, scale=net.scale, probs_source="linear" if loss == "softmax" else "cosine")
     model = export_fp32(graph, crop_size=CROP)
     assert [v.name for v in model.graph.input] == ["image"]
@@ -130,10 +134,10 @@ def test_onnx_export_vgg16(crops):
     assert np.abs(out["cosine"] - ref["cosine"]).max() <= 1e-4
 
 
-def test_cosine_head_has_no_margin(crops):
+def test_cosine_head_has_no_margin(crops, r18_amcl):
     """The deployed cosine is cos(theta) to the normalised weights, whatever the training margin."""
     images, _ = crops
-    net = realistic_model("resnet18", "amcl", images[:8])
+    net = r18_amcl
     graph = InferenceGraph(net, scale=net.scale)
     ref = torch_reference(graph, images[:8])
     with torch.no_grad():
@@ -211,34 +215,23 @@ def test_triton_repository(amcl_checkpoint, tmp_path, capsys):
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def test_failed_triton_export_leaves_nothing(amcl_checkpoint, tmp_path, capsys, monkeypatch):
-    import liverstage.export.triton as triton
+def test_failed_triton_write_leaves_nothing(tmp_path, tiny_onnx):
+    from liverstage.export.triton import write_repository
 
-    def boom(**_):
+    model = tiny_onnx.build_tiny_onnx(tmp_path / "tiny.onnx", crop_size=32).read_bytes()
+
+    def killed(folder):
+        (folder / "model_card.json").write_text("{")  # half-way through the extras
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(triton, "config_pbtxt", boom)
     repo = tmp_path / "repo"
-    code, _, err = run_cli(["export", amcl_checkpoint, "--out", repo, "--format", "triton",
-                            "--no-calibrate-temperature"], capsys)
-    assert code == 130 and "Traceback" not in err
-    assert not repo.exists() or not list(repo.iterdir())
-
-
-def test_failed_onnx_export_leaves_nothing(amcl_checkpoint, tmp_path, capsys, monkeypatch):
-    import liverstage.export.api as api
-
-    def boom(*_args, **_kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(api, "write_json", boom)  # dies after the model bytes are written
-    out = tmp_path / "m.onnx"
-    code, _, err = run_cli(["export", amcl_checkpoint, "--out", out, "--no-calibrate-temperature"], capsys)
-    assert code == 130 and "Traceback" not in err
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert leftovers == []  # never a partial temporary; the model itself is complete if present
-    if out.exists():
-        onnx.checker.check_model(onnx.load(str(out)))
+    with pytest.raises(KeyboardInterrupt):
+        write_repository(repo, "staging", model_bytes=model, config_text="name: x", write_extras=killed)
+    assert not repo.exists() or list(repo.iterdir()) == []
+    # a successful rewrite replaces the folder whole
+    write_repository(repo, "staging", model_bytes=model, config_text="name: x")
+    assert sorted(p.name for p in (repo / "staging").iterdir()) == ["1", "config.pbtxt"]
+    assert (repo / "staging" / "1" / "model.onnx").read_bytes() == model
 
 
 # --- bad input: one line, non-zero exit, nothing written ----------------------------------------

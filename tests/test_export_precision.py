@@ -109,11 +109,21 @@ def test_phantom_fallback_without_manifest(tmp_path, small_cohort):
 
 
 def test_calibration_manifest_is_used(trained, tmp_path, small_cohort):
-    result, log = export(trained, tmp_path / "c.onnx", calibration_manifest=small_cohort,
-                         calibrate_temperature=True)
-    assert result.parity["source"] == str(small_cohort)
-    assert result.parity["n_crops"] > 50  # all patients, not only the held-out ones
+    from liverstage.runtime.manifest import read_manifest
+
+    rows = read_manifest(small_cohort)
+    picked = {}
+    for row in rows:  # two patients per stage
+        if sum(r.stage == row.stage for r in picked.values()) < 2:
+            picked[row.patient_id] = row
+    manifest = tmp_path / "calibration.csv"
+    manifest.write_text("patient_id,image,mask,stage\n" + "".join(
+        f"{r.patient_id},{r.image},{r.mask},{r.stage}\n" for r in picked.values()))
+    result, log = export(trained, tmp_path / "c.onnx", calibration_manifest=manifest, calibrate_temperature=True)
+    assert result.parity["source"] == str(manifest)
+    assert result.parity["n_crops"] > 20
     assert result.metadata.temperature != 1.0 and "temperature_fit" in result.metadata.extra
+    assert result.metadata.extra["temperature_fit"]["source"] == str(manifest)
 
 
 def test_temperature_fit_recovers_known_temperature():

@@ -130,11 +130,17 @@ def test_imposed_test_patients(cohort, cache, tmp_path):
 
 def test_cli_train_then_evaluate_agree(cohort, cache, tmp_path, capsys):
     run = tmp_path / "cli"
+    rows = read_manifest(cohort)
+    chosen = sorted(next(r.patient_id for r in rows if r.stage == s) for s in "ABC")
+    (tmp_path / "chosen.txt").write_text("\n".join(chosen) + "\n")
     _cli(["train", "--manifest", str(cohort), "--out", str(run), "--loss", "dr-amcl", "--epochs", "1",
-          "--crop-size", str(CROP), "--batch-size", "32", "--cache-dir", str(cache), "--no-progress"])
+          "--crop-size", str(CROP), "--batch-size", "32", "--cache-dir", str(cache), "--no-progress",
+          "--test-patients", str(tmp_path / "chosen.txt"), "--val-fraction", "0.2"])
     captured = capsys.readouterr()
     assert "epoch 1/1" in captured.out + captured.err
     ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["splits"]["test"] == chosen and len(ckpt["splits"]["val"]) == 3
+    assert ckpt["args"]["val_fraction"] == 0.2 and ckpt["args"]["loss"] == "dr-amcl"
     patients = tmp_path / "test.txt"
     patients.write_text("\n".join(ckpt["splits"]["test"]) + "\n")
     _cli(["evaluate", str(run / "model.pt"), "--manifest", str(cohort), "--patients", str(patients),
@@ -213,11 +219,12 @@ def _bad_manifest(tmp_path, cohort, mutate):
     return path
 
 
-def _empty_mask(tmp_path):
+def _empty_mask(tmp_path, like):
+    """A mask with the geometry of `like` but no liver voxel: that patient yields no crop."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(np.zeros((64, 64, 12), np.uint8), np.eye(4))
-    nib.save(img, str(tmp_path / "empty_mask.nii.gz"))
+    ref = nib.load(like)
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine), str(tmp_path / "empty_mask.nii.gz"))
     return str(tmp_path / "empty_mask.nii.gz")
 
 
@@ -225,7 +232,7 @@ def _empty_mask(tmp_path):
     ("missing", "not found"),
     ("stage", "unknown stage"),
     ("duplicate", "more than one volume"),
-    ("nocrop", "phantom"),
+    ("nocrop", "empty"),
     ("toofew", "too few patients"),
 ])
 def test_bad_manifest_is_one_line(tmp_path, cohort, cache, capsys, case, expect):
@@ -237,7 +244,7 @@ def test_bad_manifest_is_one_line(tmp_path, cohort, cache, capsys, case, expect)
         elif case == "duplicate":
             rows.append(list(rows[0]))
         elif case == "nocrop":
-            rows[0][2] = _empty_mask(tmp_path)
+            rows[0][2] = _empty_mask(tmp_path, rows[0][2])
         elif case == "toofew":
             rows = [r for r in rows if r[3] != "C"][:-1] + [next(r for r in rows if r[3] == "C")]
         return rows

@@ -7,7 +7,7 @@ Layout of an experiment folder EXP:
     EXP/runs/<r>/test_patients.txt      the same test ids, one per line (the trainer's input)
     EXP/runs/<r>/<backbone>-<loss>[-m<margin>]/   one `liverstage train` run directory
         model.pt, history.csv, metrics.json, predictions.csv, confusion.png, curves.png, angles.png
-    EXP/table1..5.md/.csv, EXP/results.json, EXP/accuracy.png
+    EXP/table1..5.md/.csv, EXP/summary.md (settings + all tables), EXP/results.json, EXP/accuracy.png
 
 Protocol:
 - Run r uses seed `seed + r` for its split (80/20 by patient, stratified by stage, from
@@ -31,7 +31,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..runtime.atomic import write_json, write_text
 from ..runtime.errors import InputError
@@ -256,8 +256,8 @@ def metrics_from_predictions(run_dir: Path) -> dict:
     return _jsonable(compute_metrics(pred["labels"], pred["probs"], pred["patient_ids"]))
 
 
-def _train_config(config: ExperimentConfig, method: Method, run: int, run_dir: Path, test_file: Path,
-                  test_ids: list[str], resume: bool):
+def _train_config(config: ExperimentConfig, method: Method, run: int, run_dir: Path, test_ids: list[str],
+                  resume: bool):
     """A TrainConfig for one (run, method); every field not set here keeps the trainer's default."""
     from .trainer import TrainConfig  # noqa: PLC0415
 
@@ -270,12 +270,8 @@ def _train_config(config: ExperimentConfig, method: Method, run: int, run_dir: P
                   test_fraction=float(config.test_fraction))
     if method.margin is not None:
         kwargs["margin"] = method.margin
-    # test_patients: the trainer may take a file (as --test-patients FILE) or the ids themselves
-    annotation = str(names["test_patients"].type) if "test_patients" in names else ""
-    kwargs["test_patients"] = (list(test_ids) if ("list" in annotation or "Sequence" in annotation
-                                                   or "tuple" in annotation) else test_file)
-    kwargs = {k: v for k, v in kwargs.items() if k in names}
-    return TrainConfig(**kwargs)
+    kwargs["test_patients"] = list(test_ids)
+    return TrainConfig(**{k: v for k, v in kwargs.items() if k in names})
 
 
 def _progress(total: int, enabled: bool):
@@ -289,17 +285,15 @@ def _log(message: str, bar) -> None:
     bar.write(f"experiment: {message}", file=sys.stderr)
 
 
-def figure_title(method: Method, run: int, note: str, *, show_margin: bool) -> str:
-    title = f"{method.label(show_margin=True if method.margin is not None else show_margin)}, run {run}"
+def figure_title(method: Method, run: int, note: str) -> str:
+    title = f"{method.label(show_margin=True)}, run {run}"
     return f"{title} ({note})" if note else title
 
 
-def run_experiment(config: ExperimentConfig, *, progress: bool = True,
-                   train_fn: Callable | None = None) -> dict:
+def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> dict:
     """Train every (run, method) not yet finished, then write tables, figures and results.json.
 
-    `train_fn(TrainConfig) -> run dir` defaults to train.trainer.train_run (a different one is for
-    tests that count calls). Returns the results.json content.
+    Returns the results.json content plus the counts `trained` and `skipped`.
     """
     config.validate()
     methods = methods_for(config)
@@ -307,14 +301,11 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
     effective_train_options(config)  # unknown option names are refused here
     # every train option is checked by the trainer's own validation before anything is written
     for method in methods:
-        _train_config(config, method, 0, out / "runs" / "0" / method.dirname, out / "test_patients.txt",
-                      ["-"], False).validate()
+        _train_config(config, method, 0, out / "runs" / "0" / method.dirname, ["-"], False).validate()
     patients, stages = patients_and_stages(Path(config.manifest))
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_settings(config)
-    show_margin = len(config.margins) > 1
-    if train_fn is None:
-        from .trainer import train_run as train_fn  # noqa: PLC0415
+    from .trainer import train_run  # noqa: PLC0415
     from .plots import RUN_FIGURES, plot_run  # noqa: PLC0415
 
     splits = {r: run_split(config, r, patients, stages) for r in range(config.runs)}
@@ -333,14 +324,12 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
                 else:
                     resume = (run_dir / "last.pt").is_file()
                     _log(f"run {r} {method.dirname}: {'resuming' if resume else 'training'}", bar)
-                    cfg = _train_config(config, method, r, run_dir, run_root / "test_patients.txt",
-                                        splits[r]["test"], resume)
-                    train_fn(cfg)
+                    train_run(_train_config(config, method, r, run_dir, splits[r]["test"], resume))
                     trained += 1
                     if not is_finished(run_dir):
                         raise InputError(f"training wrote no metrics.json / predictions.csv in {run_dir}")
                 if not all((run_dir / f).is_file() for f in RUN_FIGURES):
-                    plot_run(run_dir, title=figure_title(method, r, config.note, show_margin=show_margin))
+                    plot_run(run_dir, title=figure_title(method, r, config.note))
                 results.append(RunResult(r, method.backbone, method.loss, method.margin,
                                          str(run_dir.relative_to(out)), metrics_from_predictions(run_dir)))
                 bar.update(1)
@@ -352,8 +341,21 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
     return summary
 
 
+def settings_line(config: ExperimentConfig) -> str:
+    """One line saying how the tables were made (for summary.md and the README)."""
+    opts = effective_train_options(config)
+    shown = ", ".join(f"{k} {opts[k]}" for k in ("epochs", "crop_size", "batch_size", "lr", "scale", "val_fraction")
+                      if k in opts)
+    margins = ", ".join(f"{m:g}" for m in sorted(config.margins))
+    return (f"backbones {', '.join(config.backbones)}; losses {', '.join(config.losses)}; margins {margins}; "
+            f"{config.runs} runs (patient-level splits, test fraction {config.test_fraction:g}, seeds "
+            f"{config.seed}..{config.seed + config.runs - 1}); {shown}")
+
+
 def write_outputs(config: ExperimentConfig, results: list[RunResult], splits: dict) -> dict:
-    """Tables, the paired-accuracy figure and results.json (all atomic)."""
+    """Tables, summary.md, the paired-accuracy figure and results.json (all atomic)."""
+    from .plots import plot_paired_accuracy  # noqa: PLC0415
+
     out = Path(config.out)
     tables, paired = build_tables(results, backbone_order=list(config.backbones), seed=int(config.seed))
     note = f" Data: {config.note}." if config.note else ""
@@ -362,14 +364,13 @@ def write_outputs(config: ExperimentConfig, results: list[RunResult], splits: di
         if note:
             t.title = t.title.rstrip() + note
         written += [str(p.relative_to(out)) for p in t.write(out)]
-    try:
-        from .plots import plot_paired_accuracy  # noqa: PLC0415
-
-        plot_paired_accuracy(out / "accuracy.png", results, title=("Test accuracy per run" +
-                                                                     (f" ({config.note})" if config.note else "")))
-        written.append("accuracy.png")
-    except ImportError:  # matplotlib missing: tables still stand
-        pass
+    plot_paired_accuracy(out / "accuracy.png", results,
+                         title="Test accuracy per run" + (f" ({config.note})" if config.note else ""))
+    written.append("accuracy.png")
+    heading = "Experiment" + (f" on {config.note}" if config.note else "")
+    write_text(out / "summary.md", "\n".join([f"# {heading}", "", f"Settings: {settings_line(config)}.", ""]
+                                             + [t.markdown() for t in tables]))
+    written.append("summary.md")
     show_margin = len(config.margins) > 1
     summary = {
         "format": RESULTS_FORMAT,

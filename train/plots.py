@@ -184,7 +184,11 @@ def plot_training_curves(path, history: list[dict], *, title: str = "") -> Path:
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     for ax in (left, right):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epoch) <= 12:
+            ax.set_xticks(epoch)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(float(np.nanmin(epoch)) - 0.5, float(np.nanmax(epoch)) + 0.5)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

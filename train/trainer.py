@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from liverstage.runtime.atomic import write_json, write_text
-from liverstage.runtime.errors import InputError
+from liverstage.runtime.errors import InputError, LiverstageError
 from liverstage.runtime.manifest import read_manifest
 from liverstage.runtime.spec import PreprocessSpec
 
@@ -253,21 +253,11 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
     if not config.resume and not config.overwrite and ((run / "last.pt").exists() or (run / "model.pt").exists()):
         raise InputError(f"{run} already holds a run; use --resume to continue it or choose another --out")
 
-    # ---- data (rank 0 fills the cache first, the others then read it)
+    # ---- resume state or a fresh split (before any crop is cut: a bad manifest fails fast)
     rows = read_manifest(config.manifest)
     spec = PreprocessSpec(crop_size=config.crop_size)
-    cache_dir = config.cache_dir if config.cache_dir is not None else default_cache_dir()
-    crops: CropData | None = None
-    if main:
-        crops = load_crops(rows, spec, cache_dir=cache_dir, workers=config.workers, progress=config.progress)
-    dist_info.barrier()
-    if not main:
-        crops = load_crops(rows, spec, cache_dir=cache_dir, workers=0, progress=False)
-    assert crops is not None
     stage_of = {r.patient_id: r.stage for r in rows}
     pids, stages = list(stage_of), list(stage_of.values())
-
-    # ---- resume state or a fresh split
     state = None
     if config.resume and last_path.is_file():
         state = read_checkpoint_dict(last_path)
@@ -277,6 +267,9 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
     else:
         if config.resume:
             say(f"nothing to resume in {run}; starting a new run")
+        if main:  # a fresh start must not pick up an earlier run's best epoch
+            for stale in (last_path, best_path):
+                stale.unlink(missing_ok=True)
         if config.test_patients:
             train_ids, val_ids, test_ids = split_with_test(pids, stages, config.test_patients,
                                                            val_fraction=config.val_fraction, seed=config.seed)
@@ -284,6 +277,23 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
             train_ids, val_ids, test_ids = patient_split(pids, stages, test_fraction=config.test_fraction,
                                                          val_fraction=config.val_fraction, seed=config.seed)
         splits = {"train": train_ids, "val": val_ids, "test": test_ids}
+
+    # ---- data (rank 0 fills the cache first, the others then read it; a failure on rank 0
+    # still reaches the barrier, so the other ranks meet the same error instead of hanging)
+    cache_dir = config.cache_dir if config.cache_dir is not None else default_cache_dir()
+    crops: CropData | None = None
+    failure: LiverstageError | None = None
+    if main:
+        try:
+            crops = load_crops(rows, spec, cache_dir=cache_dir, workers=config.workers, progress=config.progress)
+        except LiverstageError as exc:
+            failure = exc
+    dist_info.barrier()
+    if failure is not None:
+        raise failure
+    if not main:
+        crops = load_crops(rows, spec, cache_dir=cache_dir, workers=0, progress=False)
+    assert crops is not None
     train_data, val_data, test_data = (crops.subset(splits[k]) for k in ("train", "val", "test"))
     say(f"{len(crops)} crops of {len(pids)} patients; train {len(splits['train'])} patients / {len(train_data)} crops, "
         f"val {len(splits['val'])} / {len(val_data)}, test {len(splits['test'])} / {len(test_data)}; device {device}"

@@ -10,8 +10,13 @@ backend exposes the same four things, so predict and bench never care which one 
     backend.run(images float32 [N,1,S,S]) -> {"cosine": [N,C], "probs": [N,C], "embedding": [N,D]}
 
 Device: "cpu" forces the CPU; "cuda" needs a CUDA GPU (BackendUnavailable otherwise); "auto"
-takes the fastest present: a TensorRT engine runs on its GPU, an ONNX model runs with ONNX
-Runtime's CUDA provider when onnxruntime-gpu and a GPU are present, else on the CPU.
+takes the fastest present, in this order:
+  1. for `X.onnx`, a sibling TensorRT engine `X.engine` whose sidecar says it was built from this
+     very ONNX file (same sha256), when TensorRT and a matching GPU are here;
+  2. ONNX Runtime's CUDA provider (onnxruntime-gpu and a GPU);
+  3. ONNX Runtime on the CPU.
+A sibling engine that cannot run here (no TensorRT, no GPU, another GPU) is passed over in
+"auto"; asked for by name (`--model X.engine`), the same problem is an error.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import BackendUnavailable, ModelError
+from ..errors import BackendUnavailable, InputError, ModelError
 from ..model_meta import ModelMetadata
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,6 +66,26 @@ def open_backend(model_path: str | Path, *, device: str = "auto", threads: int |
         except ImportError as exc:
             raise BackendUnavailable(f"{path}: the TensorRT backend is not available here ({exc})") from None
         return TensorRTBackend(path)
+    if device == "auto" and path.suffix == ".onnx":
+        engine = sibling_engine(path)
+        if engine is not None:
+            return engine
     from .onnx import OnnxBackend  # noqa: PLC0415  (onnxruntime imported only when needed)
 
     return OnnxBackend(path, device=device, threads=threads)
+
+
+def sibling_engine(onnx_path: Path):
+    """The TensorRT backend of `X.engine` beside `X.onnx` if it was built from this file and runs here, else None."""
+    engine_path = onnx_path.with_suffix(".engine")
+    if not engine_path.is_file():
+        return None
+    try:
+        from .tensorrt import TensorRTBackend, read_sidecar, sha256_file  # noqa: PLC0415
+
+        key, _ = read_sidecar(engine_path)
+        if key.get("onnx_sha256") != sha256_file(onnx_path):
+            return None  # built from another (older) export: not this model
+        return TensorRTBackend(engine_path)
+    except (ImportError, BackendUnavailable, ModelError, InputError):
+        return None

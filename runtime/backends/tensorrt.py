@@ -144,6 +144,8 @@ def check_engine_matches_machine(key: dict[str, Any], *, machine: dict[str, str]
     The GPU name is informational: TensorRT engines are portable across GPUs of the same compute
     capability, so only the TensorRT version and compute capability must match.
     """
+    if isinstance(key.get("key"), dict):  # a whole sidecar was passed
+        key = key["key"]
     machine = machine_info() if machine is None else machine
     problems = []
     if str(key.get("tensorrt_version")) != str(machine["tensorrt_version"]):
@@ -195,7 +197,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    # Strongly typed: required on TensorRT 10.x to keep the ONNX model's own types, the only kind
+    # of network (flag accepted, default) on 11.x.
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(1 << int(strongly_typed) if strongly_typed is not None else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -305,7 +310,7 @@ class TensorRTBackend:
         n = len(chunk)
         self._context.set_input_shape(INPUT_NAME, tuple(chunk.shape))
         _check(cudart.cudaMemcpyAsync(self._buffers[INPUT_NAME][0], chunk.ctypes.data, chunk.nbytes, h2d, self._stream))
-        if not self._context.execute_async_v3(self._stream):
+        if not self._context.execute_async_v3(int(self._stream)):
             raise ModelError(f"{self.path}: TensorRT execution failed")
         out = {name: np.empty((n, self._widths[name]), np.float32) for name in OUTPUT_NAMES}
         for name, host in out.items():

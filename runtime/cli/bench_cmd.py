@@ -34,6 +34,8 @@ def print_bench(result: dict, console=None) -> None:
     model_flops = f"{flops / 1e9:.3g} GFLOP per crop" if flops else "n/a (onnx not installed or shapes unknown)"
     console.print(f"float32 matmul peak (numpy, this run): {m['matmul_peak_gflops']:.1f} GFLOP/s; model: {model_flops}",
                   highlight=False)
+    console.print(f"(numpy BLAS: {m['matmul_blas']}; above 100% of this peak means the backend's kernels beat it)",
+                  highlight=False)
     table = Table(title=f"liverstage bench: {result['model']['backbone']} at {result['model']['crop_size']} px")
     for col in ("backend", "batch", "p50 ms", "p90 ms", "p99 ms", "crops/s", "vs torch", "GFLOP/s", "% peak"):
         table.add_column(col, justify="left" if col == "backend" else "right", no_wrap=col == "backend")

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         mask: Optional[Path] = typer.Option(None, "--mask", help="Liver mask for a single input (same grid as the volume)."),
         mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Folder of masks paired by file name: D/<name>, D/<stem>/liver.nii.gz, or one D/<stem>*.nii.gz."),
         mask_label: Optional[int] = typer.Option(None, "--mask-label", help="Label value of the liver in a multi-label mask (TotalSegmentator total_mr: 5). Default: any non-zero voxel."),
-        bbox: Optional[str] = typer.Option(None, "--bbox", help="Liver box x0,y0,z0,x1,y1,z1 in the file's voxel coordinates (half-open)."),
+        bbox: Optional[str] = typer.Option(None, "--bbox", help="Liver box x0,y0,z0,x1,y1,z1 in the file's voxel coordinates (half-open); for a DICOM series: column, row, slice (slices in position order)."),
         roi: Optional[str] = typer.Option(None, "--roi", help="'auto': rough liver region heuristic, no mask needed (the default when no mask or box is given)."),
         report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here (atomically)."),
         csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write one row per crop here."),

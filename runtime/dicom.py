@@ -157,26 +157,8 @@ def load_dicom_series(folder: str | Path):
     The reorientation is the same pure transpose/flip (nibabel's closest canonical), so a series
     and the same data saved as NIfTI give the same crops.
     """
-    from nibabel import orientations  # noqa: PLC0415
-
-    from .io import Volume  # noqa: PLC0415
+    from .io import volume_from_array  # noqa: PLC0415
 
     folder = Path(folder)
     data, affine, warnings = read_dicom_series(folder)
-    ornt = orientations.io_orientation(affine)
-    canonical = np.ascontiguousarray(orientations.apply_orientation(data, ornt), dtype=np.float32)
-    finite = np.isfinite(canonical)
-    if not finite.any() or float(canonical[finite].min()) == float(canonical[finite].max()):
-        raise InputError(f"DICOM series {folder} is constant or has no finite voxel; nothing to stage")
-    can_affine = affine @ orientations.inv_ornt_aff(ornt, data.shape)
-    spacing = tuple(float(v) for v in np.sqrt(np.sum(can_affine[:3, :3] ** 2, axis=0)))
-    return Volume(
-        data=canonical,
-        affine=can_affine,
-        spacing=spacing,
-        source=str(folder),
-        original_shape=tuple(int(n) for n in data.shape),
-        original_affine=affine,
-        ornt=ornt,
-        warnings=tuple(warnings),
-    )
+    return volume_from_array(data, affine, source=f"DICOM series {folder}", warnings=warnings)

@@ -152,23 +152,32 @@ def load_volume(path: str | Path, *, frame: int | None = None) -> Volume:
     arr = _read_array(img, p, what="volume", index=index)
     if arr.dtype.kind == "c":
         raise InputError(f"volume {p} holds complex numbers; a magnitude image is needed")
-    arr = arr.reshape(shape3)
+    return volume_from_array(arr.reshape(shape3), affine, source=str(p), warnings=warnings)
+
+
+def volume_from_array(arr: np.ndarray, affine: np.ndarray, *, source: str, warnings=()) -> Volume:
+    """A 3D array + its voxel->world affine as a canonical (RAS+) float32 `Volume`.
+
+    The one place that reorients: a pure transpose/flip (nibabel's closest canonical), so a
+    NIfTI file, a DICOM series and any re-stored copy of the same data give the same crops.
+    Refuses a volume whose finite voxels are all equal (or that has none).
+    """
     ornt = orientations.io_orientation(affine)
     data = _canonical(arr.astype(np.float32, copy=False), ornt)
     finite = np.isfinite(data)
     if not finite.any():
-        raise InputError(f"volume {p} has no finite voxel")
+        raise InputError(f"volume {source} has no finite voxel")
     values = data[finite] if not finite.all() else data
     if float(values.min()) == float(values.max()):
-        raise InputError(f"volume {p} is constant (every voxel is {float(values.min()):g}); nothing to stage")
-    can_affine = affine @ orientations.inv_ornt_aff(ornt, shape3)
+        raise InputError(f"volume {source} is constant (every voxel is {float(values.min()):g}); nothing to stage")
+    can_affine = affine @ orientations.inv_ornt_aff(ornt, arr.shape)
     spacing = tuple(float(v) for v in np.sqrt(np.sum(can_affine[:3, :3] ** 2, axis=0)))
     return Volume(
         data=data,
         affine=can_affine,
         spacing=spacing,  # type: ignore[arg-type]
-        source=str(p),
-        original_shape=tuple(shape3),  # type: ignore[arg-type]
+        source=source,
+        original_shape=tuple(int(n) for n in arr.shape),  # type: ignore[arg-type]
         original_affine=affine,
         ornt=ornt,
         warnings=tuple(warnings),

@@ -152,7 +152,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
 
     crops = data.export_crops(ckpt, spec, calibration_manifest=options.calibration_manifest)
     echo(f"crops: parity {len(crops.parity)} from {crops.parity.source}; "
-         f"calibration {len(crops.calibration)} from {crops.calibration.source}")
+         f"calibration {len(crops.calibration)} from {crops.calibration.source}"
+         + (" (synthetic phantoms, not patients)" if crops.phantoms else ""))
 
     torch.manual_seed(0)
     graph = InferenceGraph(net, scale=float(ckpt["scale"]), probs_source=probs_source).eval()
@@ -168,6 +169,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
         }
         echo(f"temperature {temperature:.4g} (NLL {temperature_info['nll_before']:.4f} -> "
              f"{temperature_info['nll_after']:.4f} on {len(crops.temperature)} crops from {crops.temperature.source})")
+        if temperature >= calibration.T_MAX:
+            echo("  note: the fit hit its upper bound: on these validation crops the model does no better than "
+                 "chance, so its probabilities were flattened (the predicted stages are unchanged)")
     elif options.calibrate_temperature:
         echo("temperature 1 (no labelled validation crops with two or more stages to fit it on)")
     graph = InferenceGraph(net, scale=float(ckpt["scale"]), temperature=temperature, probs_source=probs_source).eval()
@@ -181,6 +185,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
         "engine": options.engine,
         "training_versions": {str(k): str(v) for k, v in (ckpt.get("versions") or {}).items()},
         "parity_crops_source": crops.parity.source,
+        "parity_crops_are_phantoms": crops.phantoms,
     }
     if temperature_info is not None:
         extra["temperature_fit"] = temperature_info
@@ -203,6 +208,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     reference = torch_reference(graph, crops.parity.images)
     figures = parity.compare(reference, parity.run_session(session, crops.parity.images), labels=crops.parity.labels)
     figures["source"] = crops.parity.source
+    figures["phantoms"] = crops.phantoms
     figures["runtime"] = "onnxruntime-cpu"
     if options.precision == "fp16":
         figures["large_norm"] = parity.large_norm_check(graph, session, images=crops.parity.images,

@@ -62,6 +62,7 @@ class ExportCrops:
     calibration: Crops  # INT8 activation ranges
     temperature: Crops | None  # labelled validation crops
     threshold: Crops | None  # training crops for the cosine threshold
+    phantoms: bool = False  # parity crops are synthetic phantoms (not patients)
 
 
 def crops_from_rows(rows, spec: PreprocessSpec, *, source: str) -> Crops:
@@ -91,6 +92,11 @@ def phantom_crops(spec: PreprocessSpec, *, patients: int = 6, seed: int = 202406
         return crops_from_rows(read_manifest(manifest), spec, source="freshly generated phantoms (not patients)")
 
 
+def is_phantom_manifest(path: str | Path | None) -> bool:
+    """True for a cohort written by liverstage's phantom generator (it leaves this file beside it)."""
+    return path is not None and (Path(path).parent / "PHANTOMS_NOT_PATIENTS.txt").exists()
+
+
 def checkpoint_manifest(ckpt: dict) -> Path | None:
     """The checkpoint's manifest when it is still on disk."""
     text = ckpt.get("manifest") or ""
@@ -118,13 +124,14 @@ def export_crops(ckpt: dict, spec: PreprocessSpec, *, calibration_manifest: str 
     if calibration_manifest is not None:
         path = Path(calibration_manifest)
         crops = crops_from_rows(read_manifest(path), spec, source=str(path)).subsample(max_crops)
-        return ExportCrops(parity=crops, calibration=crops, temperature=crops, threshold=threshold)
+        return ExportCrops(parity=crops, calibration=crops, temperature=crops, threshold=threshold,
+                           phantoms=is_phantom_manifest(path))
     if threshold is not None:
         held_out = everyone.select(splits["val"] | splits["test"], f"validation/test patients of {own}")
         val = everyone.select(splits["val"], f"validation patients of {own}")
         return ExportCrops(parity=(held_out if len(held_out) else threshold).subsample(max_crops),
                            calibration=threshold,
                            temperature=val.subsample(max_crops) if len(val) else None,
-                           threshold=threshold)
+                           threshold=threshold, phantoms=is_phantom_manifest(own))
     crops = phantom_crops(spec).subsample(max_crops)
-    return ExportCrops(parity=crops, calibration=crops, temperature=None, threshold=None)
+    return ExportCrops(parity=crops, calibration=crops, temperature=None, threshold=None, phantoms=True)

@@ -77,7 +77,9 @@ def training_data(ckpt: dict) -> dict[str, Any]:
 def is_phantom_data(ckpt: dict, manifest: Path | None) -> bool:
     """True when the training manifest was written by liverstage's phantom generator (it leaves
     PHANTOMS_NOT_PATIENTS.txt beside its manifest.csv)."""
-    if manifest is not None and (manifest.parent / "PHANTOMS_NOT_PATIENTS.txt").exists():
+    from .data import is_phantom_manifest  # noqa: PLC0415
+
+    if is_phantom_manifest(manifest):
         return True
     return "phantom" in json.dumps(ckpt.get("args") or {}).lower()
 

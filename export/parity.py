@@ -120,7 +120,8 @@ def large_norm_check(graph, session, *, images: np.ndarray, crop_size: int) -> d
 
 def format_report(precision: str, figures: dict[str, Any], failures: list[str]) -> str:
     """Human-readable lines for the terminal."""
-    lines = [f"parity ({precision} vs PyTorch fp32, {figures['n_crops']} crops from {figures.get('source', '?')}):"]
+    phantoms = " - synthetic phantoms, not patients" if figures.get("phantoms") else ""
+    lines = [f"parity ({precision} vs PyTorch fp32, {figures['n_crops']} crops from {figures.get('source', '?')}{phantoms}):"]
     lines.append(f"  max |delta cosine| {figures['max_abs_delta_cosine']:.3g}   "
                  f"max |delta probs| {figures['max_abs_delta_probs']:.3g}   "
                  f"stage agreement {figures['stage_agreement']:.2%}   finite {figures['finite']}")

@@ -135,3 +135,22 @@ def test_build_and_run_fp16_engine(tmp_path, small_cohort):  # pragma: no cover 
     assert trt["finite"] and trt["max_abs_delta_cosine"] <= 1e-2 and trt["stage_agreement"] >= 0.98
     backend = trt_backend.TensorRTBackend(tmp_path / "m.engine")
     assert backend.metadata.precision == "fp16"
+
+
+@pytest.mark.parametrize("onnx_state,needle", [("absent", "is not at hand"), ("changed", "changed since the engine was built")])
+def test_rebuild_is_refused_without_the_unchanged_onnx(tmp_path, tiny_onnx, monkeypatch, onnx_state, needle):
+    """rebuild=True rebuilds only from the very ONNX file the engine was built from."""
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\0")
+    onnx_path = tmp_path / "m.onnx"
+    if onnx_state == "changed":
+        onnx_path.write_bytes(b"a different model")
+    key = {**make_key(compute_capability="8.0"), "onnx_file": "m.onnx"}
+    trt_backend.write_sidecar(engine, key, tiny_onnx.tiny_metadata(crop_size=32))
+    monkeypatch.setattr(trt_backend, "_import_tensorrt", lambda: object())
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: object())
+    monkeypatch.setattr(trt_backend, "machine_info", lambda device=0: dict(MACHINE))  # sm 9.0 here
+    with pytest.raises(ModelError, match="was built for"):
+        trt_backend.TensorRTBackend(engine)
+    with pytest.raises(ModelError, match=needle):
+        trt_backend.TensorRTBackend(engine, rebuild=True)

@@ -286,7 +286,8 @@ def _log(message: str, bar) -> None:
 
 
 def figure_title(method: Method, run: int, note: str) -> str:
-    title = f"{method.label(show_margin=True)}, run {run}"
+    label = method.label(show_margin=True) + (" (softmax)" if method.loss == "softmax" else "")
+    title = f"{label}, run {run}"
     return f"{title} ({note})" if note else title
 
 

@@ -112,6 +112,8 @@ def register(app: typer.Typer) -> None:
         backbone_list = _names(backbones, option="--backbones")
         loss_list = _names(losses, option="--losses")
         margin_list = parse_floats(margins, option="--margins")
+        if pretrained is not None and len(backbone_list) > 1:
+            raise InputError("--pretrained holds one backbone's weights; give a single --backbones name with it")
 
         from liverstage.train.experiment import ExperimentConfig, run_experiment  # noqa: PLC0415
 

@@ -1,6 +1,10 @@
 """Float32 ONNX -> INT8 ONNX for CPUs: onnxruntime's static QDQ quantisation.
 
-Per-channel int8 weights, int8 activations calibrated (MinMax) on real training crops. The head
+Per-channel signed int8 weights, unsigned uint8 activations (the "U8S8" scheme) calibrated
+(MinMax) on real training crops. U8S8 rather than onnxruntime's S8S8 default: on x86 CPUs
+without VNNI (this project's 2-core CI machine among them) ONNX Runtime runs only part of the
+S8S8 convolutions as integer kernels, and a ResNet18 at 224 px, batch 16, took 432 ms with S8S8
+against 120 ms with U8S8 (fp32: 272 ms), same process, same input. The head
 (L2 normalisation, cosine matmul, softmax: every node downstream of `feature`) stays in float:
 quantising a unit vector and a 3-row weight matrix saves nothing and costs agreement.
 The model is first run through onnxruntime's quant_pre_process (shape inference + graph
@@ -64,7 +68,7 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
         quantize_static(
             str(prepared), str(quantised), _Reader(calibration_images),
             quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=head,
         )
         out = onnx.load_model(quantised)

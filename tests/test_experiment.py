@@ -174,3 +174,25 @@ def test_bad_options_give_one_line(small_cohort, tmp_path, capsys, flag, value, 
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert not (tmp_path / "exp" / "runs").exists()
+
+
+def test_settings_from_before_a_new_trainer_option_still_match(small_cohort, tmp_path):
+    """An experiment started before the trainer gained an option used that option's default."""
+    from liverstage.runtime.errors import InputError
+    from liverstage.train.experiment import ExperimentConfig, _check_or_write_settings
+
+    config = ExperimentConfig(manifest=small_cohort, out=tmp_path / "e", backbones=["resnet18"],
+                              losses=["softmax"], runs=1, train_options={"epochs": 1})
+    (tmp_path / "e").mkdir()
+    _check_or_write_settings(config)
+    path = tmp_path / "e" / "experiment.json"
+    record = json.loads(path.read_text())
+    del record["pinned"]["train_options"]["lr"]  # as if `lr` had not existed then
+    path.write_text(json.dumps(record))
+    _check_or_write_settings(config)  # the default lr is what those runs used: accepted
+    record = json.loads(path.read_text())
+    del record["pinned"]["train_options"]["lr"]
+    path.write_text(json.dumps(record))
+    config.train_options["lr"] = 1e-3
+    with pytest.raises(InputError, match="lr"):
+        _check_or_write_settings(config)

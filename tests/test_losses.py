@@ -245,3 +245,15 @@ def test_bad_arguments():
         AngularMarginLoss(8, 3, scale=0)
     with pytest.raises(ValueError):
         AngularMarginLoss(8, 3)(torch.randn(2, 9), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_warmup_switch_gives_asm(dynamic):
+    torch.manual_seed(9)
+    head = AngularMarginLoss(32, 3, scale=30.0, margin=0.5, dynamic=dynamic)
+    x, y = _batch(11)
+    asm = F.cross_entropy(head.logits(x), y)
+    assert not torch.allclose(head(x, y), asm)
+    head.warmup = True
+    assert torch.allclose(head(x, y), asm, atol=1e-6)
+    assert "warmup" not in head.state_dict()

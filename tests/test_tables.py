@@ -147,3 +147,15 @@ def test_method_label():
     assert method_label("resnet50", "dr-amcl", 0.5) == "ResNet50+DR-AMCL"
     assert method_label("resnet50", "amcl", 0.45, show_margin=True) == "ResNet50+AMCL (m=0.45)"
     assert method_label("efficientnet_b0", "softmax", None) == "efficientnet_b0"
+
+
+def test_paired_table_signs_and_zero_width_intervals():
+    from liverstage.train.tables import paired_table
+
+    cmp_same = stats.paired_comparison([0.5, 0.5], [0.6, 0.6])       # identical differences
+    cmp_zero = stats.paired_comparison([0.5, 0.4], [0.5, 0.4])       # no difference at all
+    p = [{"backbone": "resnet18", "loss": "amcl", "margin": 0.5, "baseline": "ResNet18", "runs": [0, 1],
+          "metrics": {"accuracy": cmp_same, "kappa_quadratic": cmp_zero}}]
+    row = paired_table(p).rows[0]
+    assert row[2] == "-0.1000 [-0.1000, -0.1000]"  # not bold: a zero-width interval is no evidence
+    assert row[3] == "+0.0000 [+0.0000, +0.0000]"  # never "-0.0000"

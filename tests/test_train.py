@@ -4,6 +4,7 @@ exact resume, the crop cache, augmentation, and bad manifests (one line, no trac
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def cache(tmp_path_factory):
 
 def _config(cohort, cache, out, **kw):
     base = dict(manifest=cohort, out=out, backbone="resnet18", loss="amcl", epochs=1, batch_size=32,
-                crop_size=CROP, cache_dir=cache, progress=False)
+                crop_size=CROP, cache_dir=cache, progress=False, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -90,6 +91,7 @@ def test_train_other_backbones(cohort, cache, tmp_path, backbone):
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["backbone"] == backbone
     assert ckpt["embedding_dim"] == {"vgg16": 4096, "resnet50": 2048}[backbone]
+    shutil.rmtree(run)  # VGG16's last.pt (weights + Adam moments) is 1.6 GB: do not keep it around
 
 
 def test_resume_is_exact(cohort, cache, tmp_path):
@@ -268,3 +270,58 @@ def test_bad_manifest_subprocess_has_no_traceback(tmp_path, cohort):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "unknown stage" in proc.stderr
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"loss": "arcface"}, "--loss"), ({"epochs": 0}, "--epochs"), ({"batch_size": 1}, "--batch-size"),
+    ({"lr": -1.0}, "--lr"), ({"margin": 2.0}, "--margin"), ({"val_fraction": 0.9}, "--val-fraction"),
+    ({"loss": "softmax", "warmup_epochs": 2}, "warmup"), ({"device": "tpu"}, "--device"),
+])
+def test_config_validation(tmp_path, change, match):
+    from liverstage.runtime.errors import InputError
+
+    with pytest.raises(InputError, match=match):
+        TrainConfig(manifest=tmp_path / "m.csv", out=tmp_path / "run", **change).validate()
+
+
+@pytest.mark.slow
+def test_resume_after_a_real_kill(cohort, cache, tmp_path):
+    """SIGKILL a training process after its first epoch; --resume ends where an unbroken run ends."""
+    import signal
+
+    def argv(out, *extra):
+        return [sys.executable, "-m", "liverstage.train", "--manifest", str(cohort), "--out", str(out),
+                "--epochs", "3", "--crop-size", str(CROP), "--batch-size", "16", "--loss", "dr-amcl",
+                "--cache-dir", str(cache), "--no-progress", "--device", "cpu", *extra]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    straight = subprocess.run(argv(tmp_path / "a"), capture_output=True, text=True, env=env, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen(argv(tmp_path / "b"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b" / "model.pt").exists()
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] >= 1
+    resumed = subprocess.run(argv(tmp_path / "b", "--resume"), capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+    assert (tmp_path / "a" / "predictions.csv").read_text() == (tmp_path / "b" / "predictions.csv").read_text()
+
+
+@pytest.mark.gpu
+def test_train_on_gpu_with_amp(cohort, cache, tmp_path):
+    """CUDA path: autocast (bf16 where supported), channels_last, angular head in fp32."""
+    run = train_run(_config(cohort, cache, tmp_path / "gpu", loss="dr-amcl", epochs=2, device="cuda"),
+                    log=lambda _l: None)
+    history = _read_csv(run / "history.csv")
+    assert all(np.isfinite(float(r["train_loss"])) for r in history)
+    model, _ = load_checkpoint(run / "model.pt")
+    model = model.cuda().to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        emb = model(torch.rand(4, 1, CROP, CROP, device="cuda").contiguous(memory_format=torch.channels_last))
+        assert model.class_logits(emb).dtype == torch.float32

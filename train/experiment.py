@@ -4,7 +4,7 @@ Layout of an experiment folder EXP:
 
     EXP/experiment.json                 settings (checked on restart: same settings or refuse)
     EXP/runs/<r>/split.json             run r's seed and train / test patient ids
-    EXP/runs/<r>/test_patients.txt      the same test ids, one per line (the trainer's input)
+    EXP/runs/<r>/test_patients.txt      the same test ids, one per line (for `train --test-patients`)
     EXP/runs/<r>/<backbone>-<loss>[-m<margin>]/   one `liverstage train` run directory
         model.pt, history.csv, metrics.json, predictions.csv, confusion.png, curves.png, angles.png
     EXP/table1..5.md/.csv, EXP/summary.md (settings + all tables), EXP/results.json, EXP/accuracy.png
@@ -14,10 +14,12 @@ Protocol:
   train.splits.patient_split) and for training. Every method in run r trains on the same training
   patients and is tested on the same test patients, so methods are compared in pairs.
 - softmax (and asm) have no margin and are trained once per run; amcl and dr-amcl once per margin.
-- Resumable: a method whose run directory holds metrics.json and predictions.csv is finished and
-  skipped; one with only model.pt is resumed with the trainer's --resume. experiment.json pins the
-  settings that change results, so a restart with different settings is refused instead of mixing
-  runs made under two settings.
+- Resumable: a method whose run directory holds predictions.csv, metrics.json and model.pt is
+  finished and skipped; one with the trainer's per-epoch last.pt but no results (a killed run) is
+  resumed with the trainer's resume; anything else starts afresh. experiment.json pins the
+  settings that change results (manifest contents, seed, test fraction, every train option but
+  device / workers / cache_dir / progress), so a restart with other settings is refused instead of
+  mixing runs made under two settings.
 - The tables are computed from each run's predictions.csv with train.metrics.compute_metrics (the
   same function the trainer uses), so every number in them can be recomputed from the files.
 """
@@ -143,6 +145,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def trainer_defaults() -> dict:
+    """TrainConfig's default value of every field that has one."""
+    from .trainer import TrainConfig  # noqa: PLC0415
+
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
 def effective_train_options(config: ExperimentConfig) -> dict:
     """Every TrainConfig option as it will be used (trainer defaults overlaid with the given ones),
     without the per-run fields. Unknown option names are refused here, before any training."""
@@ -152,17 +167,9 @@ def effective_train_options(config: ExperimentConfig) -> dict:
     unknown = sorted(set(config.train_options) - set(fields))
     if unknown:
         raise InputError(f"unknown train option(s): {', '.join(unknown)}")
-    out = {}
-    for name, f in fields.items():
-        if name in PER_RUN_FIELDS:
-            continue
-        if name in config.train_options:
-            out[name] = config.train_options[name]
-        elif f.default is not dataclasses.MISSING:
-            out[name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[name] = f.default_factory()  # type: ignore[misc]
-    return out
+    defaults = trainer_defaults()
+    return {name: config.train_options.get(name, defaults.get(name)) for name in fields
+            if name not in PER_RUN_FIELDS and (name in config.train_options or name in defaults)}
 
 
 def pinned_settings(config: ExperimentConfig) -> dict:
@@ -184,17 +191,21 @@ def _check_or_write_settings(config: ExperimentConfig) -> None:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             raise InputError(f"{path} is unreadable; remove it or use another --out") from None
-        old = stored.get("pinned", {})
-        diffs = [k for k in pinned if old.get(k) != pinned[k]]
-        if diffs:
-            detail = []
-            for k in diffs:
-                if k == "train_options":
-                    a, b = old.get(k) or {}, pinned[k]
-                    keys = sorted(kk for kk in set(a) | set(b) if a.get(kk) != b.get(kk))
-                    detail += [f"{kk} {a.get(kk)!r} -> {b.get(kk)!r}" for kk in keys]
-                else:
-                    detail.append(k.replace("_sha256", " contents"))
+        old = dict(stored.get("pinned", {}))
+        # A trainer option added after the experiment was started did not exist then; its default
+        # is what those runs used, so it is not a change. (A removed option is ignored likewise.)
+        defaults = _jsonable(trainer_defaults())
+        old_opts = dict(old.get("train_options") or {})
+        new_opts = pinned["train_options"]
+        for key in set(new_opts) - set(old_opts):
+            if key in defaults:
+                old_opts[key] = defaults[key]
+        changed = sorted(k for k in set(old_opts) & set(new_opts) if old_opts[k] != new_opts[k])
+        changed += sorted(k for k in set(new_opts) - set(old_opts))
+        detail = [f"{k} {old_opts.get(k)!r} -> {new_opts.get(k)!r}" for k in changed]
+        detail += [k.replace("_sha256", " contents") for k in pinned
+                   if k != "train_options" and old.get(k) != pinned[k]]
+        if detail:
             raise InputError(f"{config.out} was made with other settings ({'; '.join(detail)}); "
                              "use the same settings to resume, or another --out")
     record = {
@@ -270,6 +281,8 @@ def _train_config(config: ExperimentConfig, method: Method, run: int, run_dir: P
                   test_fraction=float(config.test_fraction))
     if method.margin is not None:
         kwargs["margin"] = method.margin
+    if method.loss == "softmax" and "warmup_epochs" in kwargs:
+        kwargs["warmup_epochs"] = 0  # the ASM warm-up of the angular heads; softmax has none
     kwargs["test_patients"] = list(test_ids)
     return TrainConfig(**{k: v for k, v in kwargs.items() if k in names})
 

@@ -86,6 +86,14 @@ class AngularMarginLoss(nn.Module):
     initialisation, which would swamp the class-weight update and push W to a fixed simplex
     regardless of the data. Detached, m_DM acts as intended: a margin that grows (harder target)
     while the class weights are similar and shrinks as they separate.
+
+    Known weakness of Eq. 5 itself (seen on the phantoms): where m_DM < 0 the numerator is at
+    least |m_DM| whatever the target angle, so while e^{a} << |m_DM| (at initialisation e^{a} is
+    about 6e-7) the target logit gets almost no gradient, and the loss is minimised by pushing the
+    embedding away from *every* class weight (all cosines negative, loss -> 0, accuracy at
+    chance). Trained class weights spread apart, so m_DM < 0 is the usual case. `warmup = True`
+    (the trainer's --warmup-epochs) trains plain ASM first; on the phantoms that delays the
+    collapse but does not prevent it. This is Eq. 5 as printed; it is kept literal on purpose.
     """
 
     def __init__(
@@ -117,6 +125,9 @@ class AngularMarginLoss(nn.Module):
         self._sin_m = math.sin(self.margin)
         self._th = math.cos(math.pi - self.margin)  # theta + m > pi  <=>  cos(theta) < th
         self._mm = math.sin(math.pi - self.margin) * self.margin  # = m sin(m)
+        # Warm-up switch (not a parameter, not saved): while True the loss is plain ASM (Eq. 2),
+        # no margin and no dynamic margin. The trainer sets it for --warmup-epochs.
+        self.warmup = False
 
     def extra_repr(self) -> str:
         return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
@@ -146,6 +157,8 @@ class AngularMarginLoss(nn.Module):
             cos = self.cosine(embeddings)  # [N, C] float32
             target = F.one_hot(labels, self.num_classes).bool()
             cos_t = cos.gather(1, labels[:, None]).squeeze(1)
+            if self.warmup:
+                return F.cross_entropy(self.scale * cos, labels)
             a = self.scale * self.target_cosine_with_margin(cos_t)  # target logit [N]
             if not self.dynamic:
                 logits = torch.where(target, a[:, None], self.scale * cos)

@@ -13,6 +13,8 @@ Input: a list of `RunResult` (one per run x method), whose `metrics` come from
 Every cell is the mean +- sample standard deviation (ddof = 1) over runs. As in the paper, the best
 mean per column is marked within each backbone's group of rows (bold in markdown, `*_best` in CSV);
 for the mis-staging rates lower is better. Ties at the displayed precision are all marked.
+A run where a metric is undefined (NaN: e.g. MR C->A when its test set has no C crop) is left out
+of that cell's mean; `n_runs` in the CSV is the largest count in the row.
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ def _fmt(mean: float, std: float) -> str:
     if not math.isfinite(std):
         return f"{mean:.{DIGITS}f}"
     return f"{mean:.{DIGITS}f} ± {std:.{DIGITS}f}"
+
+
+def _signed(value: float) -> str:
+    """'+0.0123' / '-0.0123', and never '-0.0000'."""
+    return f"{round(value, DIGITS) + 0.0:+.{DIGITS}f}"
 
 
 def _best_flags(means: list[float], groups: list[str], higher: bool) -> list[bool]:
@@ -283,10 +290,11 @@ def paired_table(paired: list[dict], *, columns: Sequence[Column] = PAIRED) -> T
                 continue
             t = cmp_["t"]
             if t["low"] is None:
-                row.append(f"{t['mean']:+.{DIGITS}f}")
+                row.append(_signed(t["mean"]))
             else:
-                mark = "**" if t["low"] > 0 or t["high"] < 0 else ""
-                row.append(f"{mark}{t['mean']:+.{DIGITS}f} [{t['low']:+.{DIGITS}f}, {t['high']:+.{DIGITS}f}]{mark}")
+                # a zero-width interval (identical differences in every run) is no evidence: not bold
+                mark = "**" if (t["low"] > 0 or t["high"] < 0) and t["high"] > t["low"] else ""
+                row.append(f"{mark}{_signed(t['mean'])} [{_signed(t['low'])}, {_signed(t['high'])}]{mark}")
             crow += [t["mean"], math.nan if t["low"] is None else t["low"],
                      math.nan if t["high"] is None else t["high"]]
         rows.append(row)

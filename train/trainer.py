@@ -6,7 +6,9 @@ What a run does:
 2. Splits patients 80/20 (stratified by stage, seeded) or takes the imposed test patients;
    `val_fraction` > 0 sets aside validation patients from the training side. The test set is
    never looked at before the end.
-3. Trains with Adam (paper defaults: lr 5e-5, 100 epochs, s = 30, m = 0.5). Data order and
+3. Trains with Adam (paper defaults: lr 5e-5, 100 epochs, s = 30, m = 0.5); optionally the
+   first `warmup_epochs` train the angular head as plain ASM (no margin, no dynamic margin), the
+   known remedy when a margin loss does not converge (see losses.AngularMarginLoss on DR-AMCL). Data order and
    augmentation are drawn from a generator that depends only on (seed, epoch), and the global
    torch RNG (dropout) is reseeded from (seed, epoch, rank) every epoch, so a resumed run is
    exactly the run that was never stopped (on CPU; GPU kernels may be non-deterministic).
@@ -34,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -54,7 +55,7 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_acc
                    "val_kappa_quadratic", "val_patient_accuracy", "seconds", "crops_per_second")
 # Arguments that must be equal for --resume to continue a run (epochs may grow).
 RESUME_KEYS = ("manifest", "backbone", "loss", "scale", "margin", "lr", "batch_size", "crop_size",
-               "seed", "val_fraction", "test_fraction", "test_patients", "pretrained")
+               "seed", "val_fraction", "test_fraction", "test_patients", "pretrained", "warmup_epochs")
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     val_fraction: float = 0.0
+    warmup_epochs: int = 0
     test_fraction: float = 0.2
     test_patients: list[str] | None = None
     pretrained: Path | None = None
@@ -94,7 +96,9 @@ class TrainConfig:
             raise InputError(f"--margin must be in [0, pi/2) radians, got {self.margin!r}")
         if self.loss == "asm":
             self.margin = 0.0  # ASM is the angular head without margin
-        for name, low in (("epochs", 1), ("batch_size", 2), ("workers", 0)):
+        if self.warmup_epochs and self.loss == "softmax":
+            raise InputError("--warmup-epochs applies to the angular losses (asm, amcl, dr-amcl), not softmax")
+        for name, low in (("epochs", 1), ("batch_size", 2), ("workers", 0), ("warmup_epochs", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
@@ -342,6 +346,8 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
             order = torch.cat([order, order[:pad]])[dist_info.rank::dist_info.world]
         batches = [b for b in order.split(config.batch_size) if len(b) > 1]
         model.train()
+        if hasattr(model.head, "warmup"):  # angular heads: plain ASM for the first warmup_epochs
+            model.head.warmup = epoch < config.warmup_epochs
         bar = None
         if main and config.progress:
             from tqdm.auto import tqdm  # noqa: PLC0415
@@ -362,6 +368,8 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
                                "train_accuracy": float(totals[1] / totals[2].clamp(min=1))}
         improved = False
+        if hasattr(model.head, "warmup"):
+            model.head.warmup = False  # validation loss is always the configured loss
         if main and len(val_data):
             val_metrics, _ = evaluate_data(model, val_data, batch_size=max(config.batch_size, 64),
                                            device=device, amp_dtype=amp_dtype)

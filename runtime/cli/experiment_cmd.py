@@ -92,6 +92,8 @@ def register(app: typer.Typer) -> None:
                                                   help="Share of training patients for model selection."),
         pretrained: Path | None = typer.Option(None, "--pretrained",
                                                help="Local torchvision ImageNet state_dict (one backbone only)."),
+        warmup_epochs: int | None = typer.Option(None, "--warmup-epochs", min=0,
+                                                 help="Epochs of ASM warm-up for the angular losses (softmax: none)."),
         workers: int | None = typer.Option(None, "--workers", min=0, help="Processes cutting volume crops."),
         cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Crop cache folder (trainer default)."),
         train_option: list[str] = typer.Option([], "--train-option",
@@ -119,7 +121,7 @@ def register(app: typer.Typer) -> None:
 
         options = parse_train_options(train_option)
         given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "crop_size": crop_size, "scale": scale,
-                 "device": device, "val_fraction": val_fraction, "pretrained": pretrained, "workers": workers,
+                 "device": device, "val_fraction": val_fraction, "pretrained": pretrained, "workers": workers, "warmup_epochs": warmup_epochs,
                  "cache_dir": cache_dir, "progress": progress}
         options.update({k: v for k, v in given.items() if v is not None})
         try:

@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceName = typer.Option(DeviceName.auto, "--device", help="auto, cpu or cuda."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch."),
         val_fraction: float = typer.Option(0.0, "--val-fraction", help="Share of patients held out of training to pick the best epoch (0: last epoch)."),
+        warmup_epochs: int = typer.Option(0, "--warmup-epochs", help="First N epochs train the angular head without margin (ASM): helps AMCL/DR-AMCL converge (0: paper protocol)."),
         test_patients: Optional[Path] = typer.Option(None, "--test-patients", help="File with the test patient ids, one per line (else an 80/20 split)."),
         pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Local torchvision ImageNet state_dict for the backbone (never downloaded)."),
         workers: int = typer.Option(0, "--workers", help="Processes that cut volume crops on the first pass."),
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
         config = TrainConfig(
             manifest=manifest, out=out, backbone=backbone, loss=loss.value, scale=scale, margin=margin,
             epochs=epochs, lr=lr, batch_size=batch_size, crop_size=crop_size, seed=seed, device=device.value,
-            resume=resume, val_fraction=val_fraction,
+            resume=resume, val_fraction=val_fraction, warmup_epochs=warmup_epochs,
             test_patients=read_patient_list(test_patients) if test_patients is not None else None,
             pretrained=pretrained, workers=workers, cache_dir=cache_dir, progress=progress, overwrite=overwrite,
         )

@@ -48,6 +48,7 @@ PHANTOM_NOTE = (
 )
 STAGE_FRACTIONS = (934 / 2805, 1269 / 2805, 602 / 2805)  # the paper's crop mix
 SEVERITY_RANGE = {"A": (0.0, 0.45), "B": (0.3, 0.75), "C": (0.55, 1.0)}
+SIGN_NOISE = 0.12  # per-patient spread of each sign around the severity
 
 # canonical -> stored orientations (nibabel ornt rows: [stored axis for canonical axis, flip])
 STORED_ORIENTATIONS = (
@@ -112,6 +113,43 @@ def _smooth_noise(rng: np.random.Generator, coords: tuple[np.ndarray, ...], scal
     out = np.einsum("kc,ijc->ijk", mats[2], out, optimize=True)
     std = float(out.std())
     return (out / (std if std > 0 else 1.0)).astype(np.float32)
+
+
+def _cells(rng: np.random.Generator, points: tuple[np.ndarray, ...], cell_mm: float,
+           bounds: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voronoi cells (regenerative nodules) around jittered seeds, one per cube of side cell_mm.
+
+    points: 1D mm coordinate arrays (x, y, z) of the voxels to evaluate, inside `bounds`
+    ((lo, hi) mm per axis). Returns, per point, the distance (mm) to the nearest cell wall
+    (half the gap between the nearest and second-nearest seed distances: 0 on a wall, about
+    cell_mm / 2 at a nodule's centre), the index of the cell it falls in, and the number of cells.
+    The 27 neighbouring cubes are searched; seeds are jittered within 10-90 % of their cube.
+    """
+    lo = [b[0] - cell_mm for b in bounds]
+    n = [int(np.ceil((b[1] - l) / cell_mm)) + 2 for b, l in zip(bounds, lo)]
+    grids = np.meshgrid(*(np.arange(k, dtype=np.float32) for k in n), indexing="ij")
+    seeds = [(l + cell_mm * (g + rng.uniform(0.1, 0.9, size=n).astype(np.float32))).ravel()
+             for l, g in zip(lo, grids)]
+    stride = (n[1] * n[2], n[2], 1)
+    base = np.zeros(points[0].shape, dtype=np.int64)
+    for c, l, k, st in zip(points, lo, n, stride):
+        base += np.clip(((c - l) / cell_mm).astype(np.int64), 1, k - 2) * st
+    f1 = np.full(base.shape, np.inf, np.float32)
+    f2 = np.full(base.shape, np.inf, np.float32)
+    near = np.zeros(base.shape, dtype=np.int64)
+    for da in (-1, 0, 1):
+        for db in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                k = base + (da * stride[0] + db * stride[1] + dc)
+                d = np.square(np.take(seeds[0], k) - points[0])
+                d += np.square(np.take(seeds[1], k) - points[1])
+                d += np.square(np.take(seeds[2], k) - points[2])
+                closer = d < f1
+                np.minimum(f2, np.where(closer, f1, d), out=f2)
+                np.copyto(near, k, where=closer)
+                np.minimum(f1, d, out=f1)
+    wall = 0.5 * (np.sqrt(f2) - np.sqrt(f1))
+    return wall.astype(np.float32), near, int(np.prod(n))
 
 
 def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
@@ -189,16 +227,17 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     sev = u(lo_s, hi_s)
 
     def sign() -> float:
-        return float(np.clip(sev + rng.normal(0.0, 0.15), 0.0, 1.2))
+        return float(np.clip(sev + rng.normal(0.0, SIGN_NOISE), 0.0, 1.2))
 
     s_nod, s_sep, s_cau, s_spl, s_het = sign(), sign(), sign(), sign(), sign()
-    nod_amp = 0.3 + 4.5 * s_nod  # mm
-    sep_delta = 0.02 + 0.16 * s_sep  # relative brightening of septa
-    sep_width = 0.05 + 0.12 * s_sep  # fraction of field std
-    het_amp = 0.015 + 0.07 * s_het
-    caudate = 0.75 + 0.9 * s_cau
-    right_lobe = 1.08 - 0.22 * s_cau
-    spleen = 0.8 + 0.7 * s_spl
+    # sizes in mm are chosen to survive the usual 64-px crop (about 4 mm per pixel)
+    nod_amp = 1.0 + 11.0 * s_nod  # mm: nodules bulge out, the surface is notched between them
+    sep_mm = 1.0 + 3.0 * s_sep  # septal thickness (mm)
+    sep_delta = 0.05 + 0.45 * s_sep  # relative brightening of septa (enhancing fibrosis)
+    het_amp = 0.01 + 0.10 * s_het  # nodule-to-nodule intensity spread
+    caudate = 0.7 + 1.0 * s_cau
+    right_lobe = 1.1 - 0.3 * s_cau
+    spleen = 0.75 + 0.9 * s_spl
 
     # --- geometry (mm)
     fov = u(330.0, 420.0)
@@ -295,16 +334,29 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
         f = _ellipsoid(Xb, Yb, Zb, c, ax)
         f_liv = f if f_liv is None else _smin(f_liv, f, 12.0)
     bx_, by_, bz_ = cv.x[blk[0]], cv.y[blk[1]], cv.z[blk[2]]
-    nod_scale = u(7.0, 11.0)
-    bumps = _smooth_noise(rng, (bx_, by_, bz_), nod_scale)
-    f_liv = f_liv + nod_amp * (np.abs(bumps) - 0.6)  # creased bumps: nodular surface
+    # regenerative nodules: Voronoi cells of a per-patient size (not a stage cue), evaluated on
+    # the voxels the liver may cover; they bulge the surface (nodularity), their walls carry the
+    # septa and each nodule gets its own intensity (heterogeneity)
+    cell = u(13.0, 19.0) * size
+    near = f_liv < nod_amp + 2.0 * h
+    pts = tuple(np.broadcast_to(c, f_liv.shape)[near] for c in (Xb, Yb, Zb))
+    bounds = tuple((float(c.min()), float(c.max())) for c in (bx_, by_, bz_))
+    wall, cell_id, n_cells = _cells(rng, pts, cell, bounds)
+    dome = np.sqrt(np.clip(wall / (0.5 * cell), 0.0, 1.0))  # 0 on a wall, 1 at a nodule's centre
+    f_liv[near] -= nod_amp * (dome - 0.5)
     f_liv = np.maximum(f_liv, f_inner[blk] + 3.0)
     liver_frac = cv.frac(f_liv)
-    septa_field = _smooth_noise(rng, (bx_, by_, bz_), u(8.0, 13.0))
-    septa = np.clip(1.0 - np.abs(septa_field) / sep_width, 0.0, 1.0)
-    patches = _smooth_noise(rng, (bx_, by_, bz_), u(5.0, 9.0))
-    liver_val = v_liver * (1.0 + het_amp * patches + sep_delta * septa)
-    liver_val *= np.float32(1.0 / (1.0 + sep_delta * float(septa.mean())))  # mean not a stage cue
+    # septa: a triangle profile across the wall; thinner than a voxel they are drawn one voxel wide
+    # and fainter (partial volume), so their summed signal does not depend on the voxel size
+    half = max(sep_mm, h)
+    septa = np.clip(1.0 - wall / half, 0.0, 1.0) * np.float32(sep_delta * sep_mm / half)
+    nodule_val = rng.standard_normal(n_cells).astype(np.float32)[cell_id] * np.float32(het_amp)
+    texture = _smooth_noise(rng, (bx_, by_, bz_), u(8.0, 12.0))[near] * np.float32(0.02)
+    gain = np.ones(f_liv.shape, dtype=np.float32)
+    gain[near] += septa + nodule_val + texture
+    inside = liver_frac[near] >= 0.5
+    gain /= np.float32(gain[near][inside].mean() if inside.any() else 1.0)  # mean not a stage cue
+    liver_val = v_liver * gain
     cv.paint(blk, liver_frac, liver_val)
 
     # structures drawn over the liver (not liver in the mask): IVC, hepatic veins, gallbladder
@@ -355,7 +407,8 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     stored_affine = affine @ orientations.inv_ornt_aff(ornt, data.shape)
     params = {
         "stage": stage, "severity": round(float(sev), 4), "nodularity_mm": round(nod_amp, 3),
-        "septa": round(sep_delta, 4), "heterogeneity": round(het_amp, 4), "caudate_factor": round(caudate, 3),
+        "septa": round(sep_delta, 4), "septa_mm": round(sep_mm, 3), "nodule_mm": round(cell, 2),
+        "heterogeneity": round(het_amp, 4), "caudate_factor": round(caudate, 3),
         "right_lobe_factor": round(right_lobe, 3), "spleen_factor": round(spleen, 3),
         "spacing_mm": [round(h, 4), round(h, 4), round(dz, 4)], "slices": nz, "noise": round(sigma, 4),
         "orientation": "".join(nib.aff2axcodes(stored_affine)),

@@ -14,7 +14,6 @@ Order of work (cheap checks first, nothing written until everything is computed)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Callable
 
 from liverstage.runtime.atomic import write_bytes, write_json
 from liverstage.runtime.errors import InputError
+from liverstage.runtime.provenance import file_sha256, package_versions
 from liverstage.runtime.model_meta import PRECISIONS, ModelMetadata
 
 ENGINES = ("onnx", "trt")
@@ -91,24 +91,7 @@ def check_out_path(out: Path, options: ExportOptions) -> None:
         raise InputError(f"--out {out} is a folder; give a file name ending with {want}")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def export_versions() -> dict[str, str]:
-    from importlib import metadata  # noqa: PLC0415
-
-    out = {}
-    for name in ("liverstage", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+EXPORT_PACKAGES = ("liverstage", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "numpy")
 
 
 def json_safe(value: Any) -> Any:
@@ -145,7 +128,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
         raise InputError(f"checkpoint not found: {checkpoint}")
     net, ckpt = load_checkpoint(checkpoint)
     spec = checkpoint_spec(ckpt)
-    checkpoint_sha = sha256_file(checkpoint)
+    checkpoint_sha = file_sha256(checkpoint)
     loss = ckpt["loss"]
     probs_source = probs_source_for(loss)
     echo(f"checkpoint {checkpoint}: {ckpt['backbone']} + {loss}, crop {spec.crop_size} px, epoch {ckpt.get('epoch')}")
@@ -193,7 +176,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
         class_names=tuple(ckpt["class_names"]), preprocess=spec, backbone=str(ckpt["backbone"]), loss=str(loss),
         scale=float(ckpt["scale"]), margin=float(ckpt["margin"]), temperature=float(temperature),
         probs_source=probs_source, precision=options.precision, embedding_dim=int(ckpt["embedding_dim"]),
-        checkpoint_sha256=checkpoint_sha, versions=export_versions(), cosine_threshold=threshold, extra=extra,
+        checkpoint_sha256=checkpoint_sha, versions=package_versions(EXPORT_PACKAGES), cosine_threshold=threshold, extra=extra,
     )
 
     echo(f"exporting ONNX ({options.precision}) ...")

@@ -14,7 +14,6 @@ in the volume's closest-canonical (RAS) voxel grid, which is what the crops were
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,18 +23,11 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_path, write_json, write_text
 from .errors import InputError
+from .provenance import file_sha256  # noqa: F401  (re-exported: predict reports hash the model)
 from .stages import STAGE_NAMES, STAGES
 
 if TYPE_CHECKING:  # pragma: no cover
     from .predict import PredictRun, VolumeResult
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _r(x: float, nd: int = 6) -> float:

@@ -7,7 +7,6 @@ The file is a `torch.save` of a dict of tensors and plain Python values only, so
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from liverstage.runtime.atomic import atomic_path
 from liverstage.runtime.errors import InputError, ModelError
+from liverstage.runtime.provenance import package_versions
 from liverstage.runtime.spec import PreprocessSpec
 from liverstage.runtime.stages import STAGES
 
@@ -24,17 +24,8 @@ CHECKPOINT_FORMAT = "liverstage-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape a trained model (recorded in every checkpoint)."""
-    from importlib import metadata  # noqa: PLC0415
-
-    out = {"python": platform.python_version()}
-    for name in ("liverstage", "torch", "torchvision", "numpy", "scikit-learn", "nibabel"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+# Packages that shape a trained model (their versions are recorded in every checkpoint).
+TRAIN_PACKAGES = ("liverstage", "torch", "torchvision", "numpy", "scikit-learn", "nibabel")
 
 
 def _plain(value: Any) -> Any:
@@ -78,7 +69,7 @@ def checkpoint_dict(
         "class_names": list(STAGES),
         "preprocess": preprocess.to_dict(),
         "args": _plain(args),
-        "versions": package_versions(),
+        "versions": package_versions(TRAIN_PACKAGES),
         "splits": {k: [str(p) for p in splits.get(k, [])] for k in ("train", "val", "test")},
         "manifest": str(Path(manifest).resolve()) if manifest else "",
         "epoch": int(epoch),

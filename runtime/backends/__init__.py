@@ -81,10 +81,11 @@ def sibling_engine(onnx_path: Path):
     if not engine_path.is_file():
         return None
     try:
-        from .tensorrt import TensorRTBackend, read_sidecar, sha256_file  # noqa: PLC0415
+        from ..provenance import file_sha256
+        from .tensorrt import TensorRTBackend, read_sidecar  # noqa: PLC0415
 
         key, _ = read_sidecar(engine_path)
-        if key.get("onnx_sha256") != sha256_file(onnx_path):
+        if key.get("onnx_sha256") != file_sha256(onnx_path):
             return None  # built from another (older) export: not this model
         return TensorRTBackend(engine_path)
     except (ImportError, BackendUnavailable, ModelError, InputError):

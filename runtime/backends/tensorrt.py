@@ -25,6 +25,7 @@ import numpy as np
 from ..atomic import write_json
 from ..errors import BackendUnavailable, InputError, ModelError
 from ..model_meta import INPUT_NAME, OUTPUT_NAMES, ModelMetadata
+from ..provenance import file_sha256
 
 SIDECAR_SUFFIX = ".json"
 KEY_FIELDS = ("onnx_sha256", "tensorrt_version", "gpu_name", "compute_capability", "precision", "profile")
@@ -160,16 +161,6 @@ def check_engine_matches_machine(key: dict[str, Any], *, machine: dict[str, str]
         )
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    import hashlib  # noqa: PLC0415
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def timing_cache_path(engine_path: str | os.PathLike, machine: dict[str, str]) -> Path:
     """One timing cache per folder, TensorRT version and compute capability (reused across builds)."""
     tag = f"trt{machine['tensorrt_version']}-sm{machine['compute_capability'].replace('.', '')}"
@@ -192,7 +183,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     size = int(metadata.preprocess.crop_size)
     profile_dims = {"min": int(batch_min), "opt": int(batch_opt), "max": int(batch_max), "crop_size": size}
-    key = engine_key(onnx_sha256=sha256_file(onnx_path), precision=metadata.precision,
+    key = engine_key(onnx_sha256=file_sha256(onnx_path), precision=metadata.precision,
                      profile=profile_dims, **machine)
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -230,7 +221,7 @@ def _rebuild_from_onnx(engine_path: Path, key: dict[str, Any], metadata: ModelMe
     onnx_path = (engine_path.parent / onnx_file) if onnx_file else None
     if onnx_path is None or not onnx_path.is_file():
         raise ModelError(f"{engine_path}: cannot rebuild, its ONNX model ({onnx_file or 'unknown'}) is not at hand")
-    if sha256_file(onnx_path) != key["onnx_sha256"]:
+    if file_sha256(onnx_path) != key["onnx_sha256"]:
         raise ModelError(f"{engine_path}: cannot rebuild, {onnx_path} changed since the engine was built")
     profile = key["profile"]
     build_engine(onnx_path, engine_path, metadata=metadata, batch_min=profile["min"],

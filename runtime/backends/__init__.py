@@ -49,8 +49,13 @@ def check_images(images: np.ndarray, crop_size: int) -> np.ndarray:
     return images
 
 
-def open_backend(model_path: str | Path, *, device: str = "auto", threads: int | None = None) -> Backend:
-    """Open an exported model for inference; ModelError / BackendUnavailable name the file."""
+def open_backend(model_path: str | Path, *, device: str = "auto", threads: int | None = None,
+                 rebuild_engine: bool = False) -> Backend:
+    """Open an exported model for inference; ModelError / BackendUnavailable name the file.
+
+    `rebuild_engine`: an engine built for another TensorRT version or GPU is rebuilt from the ONNX
+    model it was built from (named in its sidecar) instead of being refused.
+    """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -65,7 +70,7 @@ def open_backend(model_path: str | Path, *, device: str = "auto", threads: int |
             from .tensorrt import TensorRTBackend  # noqa: PLC0415  (tensorrt is optional)
         except ImportError as exc:
             raise BackendUnavailable(f"{path}: the TensorRT backend is not available here ({exc})") from None
-        return TensorRTBackend(path)
+        return TensorRTBackend(path, rebuild=rebuild_engine)
     if device == "auto" and path.suffix == ".onnx":
         engine = sibling_engine(path)
         if engine is not None:
@@ -81,7 +86,7 @@ def sibling_engine(onnx_path: Path):
     if not engine_path.is_file():
         return None
     try:
-        from ..provenance import file_sha256
+        from ..provenance import file_sha256  # noqa: PLC0415
         from .tensorrt import TensorRTBackend, read_sidecar  # noqa: PLC0415
 
         key, _ = read_sidecar(engine_path)

@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         png: Optional[Path] = typer.Option(None, "--png", help="Draw the ROI on the mid slice and each crop's stage per slice (needs matplotlib)."),
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per model call."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda. auto takes the fastest present."),
+        rebuild_engine: bool = typer.Option(False, "--rebuild-engine", help="A TensorRT engine built for another GPU or TensorRT version is rebuilt from its ONNX model instead of refused."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: ONNX Runtime's, one per core)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stdout."),
     ) -> None:
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
                 raise InputError("--png needs matplotlib: pip install 'liverstage[plot]'") from None
         paths = resolve_inputs(inputs)
 
-        backend = open_backend(model, device=device, threads=threads)
+        backend = open_backend(model, device=device, threads=threads, rebuild_engine=rebuild_engine)
         model_info = {"path": str(model.resolve()), "sha256": file_sha256(model),
                       "backend": backend.name, "precision": backend.precision}
         predictor = Predictor(backend, mask=mask, mask_dir=mask_dir, mask_label=mask_label, bbox=box, roi=roi,

@@ -233,7 +233,7 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     # sizes in mm are chosen to survive the usual 64-px crop (about 4 mm per pixel)
     nod_amp = 1.0 + 11.0 * s_nod  # mm: nodules bulge out, the surface is notched between them
     sep_mm = 1.0 + 3.0 * s_sep  # septal thickness (mm)
-    sep_delta = 0.05 + 0.45 * s_sep  # relative brightening of septa (enhancing fibrosis)
+    sep_delta = 0.02 + 0.45 * s_sep**1.5  # relative brightening of septa (enhancing fibrosis)
     het_amp = 0.01 + 0.10 * s_het  # nodule-to-nodule intensity spread
     caudate = 0.7 + 1.0 * s_cau
     right_lobe = 1.1 - 0.3 * s_cau

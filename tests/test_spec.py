@@ -59,3 +59,21 @@ def test_unknown_field_and_frozen():
         PreprocessSpec.from_dict({**PreprocessSpec().to_dict(), "gamma": 2})
     with pytest.raises(dataclasses.FrozenInstanceError):
         PreprocessSpec().crop_size = 10  # type: ignore[misc]
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (private by default); results must not stay private."""
+    import os
+    import stat
+
+    from liverstage.runtime.atomic import atomic_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "report.json", "{}")
+        with atomic_dir(tmp_path / "repo") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "repo").stat().st_mode) == 0o755

@@ -27,7 +27,6 @@ Protocol:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -37,6 +36,7 @@ from typing import Any, Sequence
 
 from ..runtime.atomic import write_json, write_text
 from ..runtime.errors import InputError
+from ..runtime.provenance import file_sha256
 from .tables import LOSS_ORDER, MARGIN_LOSSES, RunResult, build_tables, method_label
 
 RESULTS_FORMAT = "liverstage-experiment-results"
@@ -119,14 +119,6 @@ def methods_for(config: ExperimentConfig) -> list[Method]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -176,7 +168,7 @@ def pinned_settings(config: ExperimentConfig) -> dict:
     """The settings that change results: a restart must match them."""
     options = effective_train_options(config)
     return {
-        "manifest_sha256": _sha256(Path(config.manifest)),
+        "manifest_sha256": file_sha256(Path(config.manifest)),
         "seed": int(config.seed),
         "test_fraction": float(config.test_fraction),
         "train_options": _jsonable({k: v for k, v in sorted(options.items()) if k not in NON_RESULT_OPTIONS}),

@@ -231,10 +231,10 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
 
     s_nod, s_sep, s_cau, s_spl, s_het = sign(), sign(), sign(), sign(), sign()
     # sizes in mm are chosen to survive the usual 64-px crop (about 4 mm per pixel)
-    nod_amp = 1.0 + 11.0 * s_nod  # mm: nodules bulge out, the surface is notched between them
-    sep_mm = 1.0 + 3.0 * s_sep  # septal thickness (mm)
-    sep_delta = 0.02 + 0.45 * s_sep**1.5  # relative brightening of septa (enhancing fibrosis)
-    het_amp = 0.01 + 0.10 * s_het  # nodule-to-nodule intensity spread
+    nod_amp = 1.0 + 13.0 * s_nod  # mm: nodules bulge out, the surface is notched between them
+    sep_mm = 1.5 + 3.5 * s_sep  # septal thickness (mm)
+    sep_delta = 0.03 + 0.55 * s_sep**1.5  # relative brightening of septa (enhancing fibrosis)
+    het_amp = 0.01 + 0.12 * s_het  # nodule-to-nodule intensity spread
     caudate = 0.7 + 1.0 * s_cau
     right_lobe = 1.1 - 0.3 * s_cau
     spleen = 0.75 + 0.9 * s_spl
@@ -337,7 +337,7 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     # regenerative nodules: Voronoi cells of a per-patient size (not a stage cue), evaluated on
     # the voxels the liver may cover; they bulge the surface (nodularity), their walls carry the
     # septa and each nodule gets its own intensity (heterogeneity)
-    cell = u(13.0, 19.0) * size
+    cell = u(16.0, 24.0) * size
     near = f_liv < nod_amp + 2.0 * h
     pts = tuple(np.broadcast_to(c, f_liv.shape)[near] for c in (Xb, Yb, Zb))
     bounds = tuple((float(c.min()), float(c.max())) for c in (bx_, by_, bz_))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -135,6 +136,11 @@ def confusion_from_labels(labels, predicted, *, num_classes: int = len(STAGES)) 
     return cm
 
 
+def _wrap(title: str, width: int) -> str:
+    """Titles carry an experiment's whole setting (its --note): break them instead of clipping."""
+    return textwrap.fill(title, width=width) if title else title
+
+
 def plot_confusion(path, confusion, *, class_names: Sequence[str] = STAGES, title: str = "") -> Path:
     """Confusion matrix: colour = share of the true stage, text = count and share."""
     cm = np.asarray(confusion, dtype=np.float64)
@@ -149,7 +155,7 @@ def plot_confusion(path, confusion, *, class_names: Sequence[str] = STAGES, titl
     ax.set_yticks(range(len(class_names)), labels=list(class_names))
     ax.set_xlabel("predicted stage")
     ax.set_ylabel("true stage")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title, 48), fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8, label="share of true stage")
     return _save(fig, path)
 
@@ -193,7 +199,7 @@ def plot_training_curves(path, history: list[dict], *, title: str = "") -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, 100), fontsize=10)
     return _save(fig, path)
 
 
@@ -240,7 +246,7 @@ def plot_angle_distributions(path, own_deg, other_deg, *, title: str = "") -> Pa
     bx.set_xlabel("nearest other angle - own angle (degrees)")
     bx.set_ylabel("test crops")
     bx.set_title("angular margin per test crop", fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, 100), fontsize=10)
     return _save(fig, path)
 
 

@@ -344,7 +344,7 @@ def plot_paired_accuracy(path, results, *, key: str = "accuracy", title: str = "
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncols=2)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title, 60), fontsize=9)
     return _save(fig, path)
 
 

@@ -191,6 +191,8 @@ def render_markdown(card: dict[str, Any]) -> str:
     if card["eval_metrics"]:
         for key, value in card["eval_metrics"].items():
             lines.append(f"- {key}: {_fmt(value)}")
+        if any(key.endswith("_ci95") for key in card["eval_metrics"]):
+            lines.append("- (`_ci95`: 95 % percentile bootstrap over the test patients, 2000 resamples)")
     else:
         lines.append("- none recorded in the checkpoint")
     lines += ["", "## Preprocessing (PreprocessSpec, hash " + card["preprocess_hash"] + ")"]

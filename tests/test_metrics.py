@@ -70,3 +70,26 @@ def test_shape_errors():
         compute_metrics([0, 1], np.zeros((3, 3)), ["a", "b"])
     with pytest.raises(ValueError):
         compute_metrics([], np.zeros((0, 3)), [])
+
+
+def test_bootstrap_intervals_resample_patients_not_crops():
+    # 10 patients: one with 90 crops all wrong, nine with one crop each, all right.
+    labels = [0] * 90 + [1] * 9
+    pred = [2] * 90 + [1] * 9
+    pids = ["big"] * 90 + [f"p{i}" for i in range(9)]
+    m = compute_metrics(labels, _onehot_probs(pred), pids)
+    low, high = m["accuracy_ci95"]["low"], m["accuracy_ci95"]["high"]
+    assert low <= m["accuracy"] <= high
+    # Resampling crops would give about 0.09 +- 0.06; resampling patients sees that the big
+    # patient may be drawn zero times (accuracy 1) or several times (accuracy near 0).
+    assert high == pytest.approx(1.0) and low < 0.05
+    p_low, p_high = m["patient_accuracy_ci95"]["low"], m["patient_accuracy_ci95"]["high"]
+    assert m["patient_accuracy"] == pytest.approx(0.9)
+    assert p_low < 0.9 < p_high <= 1.0
+
+
+def test_bootstrap_interval_is_a_point_when_every_crop_is_right():
+    labels = [0, 0, 1, 1, 2, 2]
+    m = compute_metrics(labels, _onehot_probs(labels), ["a", "a", "b", "b", "c", "c"])
+    assert m["accuracy_ci95"] == {"low": 1.0, "high": 1.0}
+    assert m["patient_accuracy_ci95"] == {"low": 1.0, "high": 1.0}

@@ -6,7 +6,11 @@
   (the paper's mis-staging rates);
 - kappa_quadratic: Cohen's kappa with quadratic weights (stages are ordered);
 - patient_accuracy: each patient's stage = argmax of the mean probability over their crops;
-- auc_b_or_c_vs_a (stage >= B) and auc_c_vs_ab (stage C), from P(B)+P(C) and P(C).
+- auc_b_or_c_vs_a (stage >= B) and auc_c_vs_ab (stage C), from P(B)+P(C) and P(C);
+- accuracy_ci95, patient_accuracy_ci95: {"low", "high"}, a 95 % percentile bootstrap over test
+  *patients* (2000 resamples, fixed seed). Why patients: crops of one patient are correlated,
+  so resampling crops would give a falsely narrow interval. One test split of two dozen
+  patients has a wide interval, and the model card shows it beside the figure.
 
 A class absent from the test set does not crash anything: its precision / recall / F1 are 0
 (scikit-learn's zero_division=0), a mis-staging rate with no crops of its source stage is NaN,
@@ -27,7 +31,9 @@ METRIC_KEYS = (
     "accuracy", "f1_A", "f1_B", "f1_C", "precision_A", "precision_B", "precision_C",
     "recall_A", "recall_B", "recall_C", "mr_a_to_c", "mr_c_to_a", "kappa_quadratic",
     "patient_accuracy", "auc_b_or_c_vs_a", "auc_c_vs_ab", "confusion", "n_crops", "n_patients",
+    "accuracy_ci95", "patient_accuracy_ci95",
 )
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def _auc(positive: np.ndarray, score: np.ndarray) -> float:
@@ -81,17 +87,29 @@ def compute_metrics(labels: Sequence[int], probs: np.ndarray, patient_ids: Seque
     out["kappa_quadratic"] = kappa
     # Patient level: mean probability over the patient's crops; a patient has one stage.
     unique = sorted(set(pids.tolist()))
-    hits = 0
-    for pid in unique:
+    patient_hit = np.zeros(len(unique))
+    crops_correct = np.zeros(len(unique))
+    crops_total = np.zeros(len(unique))
+    for i, pid in enumerate(unique):
         sel = pids == pid
-        hits += int(p[sel].mean(axis=0).argmax() == np.bincount(y[sel], minlength=k).argmax())
-    out["patient_accuracy"] = hits / len(unique)
+        patient_hit[i] = p[sel].mean(axis=0).argmax() == np.bincount(y[sel], minlength=k).argmax()
+        crops_correct[i] = (pred[sel] == y[sel]).sum()
+        crops_total[i] = sel.sum()
+    out["patient_accuracy"] = float(patient_hit.mean())
     out["auc_b_or_c_vs_a"] = _auc(y >= STAGES.index("B"), p[:, STAGES.index("B"):].sum(axis=1))
     out["auc_c_vs_ab"] = _auc(y == c, p[:, c])
     out["confusion"] = confusion.astype(int).tolist()
     out["n_crops"] = int(len(y))
     out["n_patients"] = len(unique)
+    resampled = np.random.default_rng(0).integers(0, len(unique), size=(BOOTSTRAP_RESAMPLES, len(unique)))
+    out["accuracy_ci95"] = _percentile_interval(crops_correct[resampled].sum(1) / crops_total[resampled].sum(1))
+    out["patient_accuracy_ci95"] = _percentile_interval(patient_hit[resampled].mean(1))
     return out
+
+
+def _percentile_interval(values: np.ndarray) -> dict[str, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"low": float(low), "high": float(high)}
 
 
 def to_jsonable(metrics: dict[str, Any]) -> dict[str, Any]:

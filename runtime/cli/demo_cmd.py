@@ -98,7 +98,10 @@ def register(app: typer.Typer) -> None:
                            ("f1_C", "F-score C"), ("mr_a_to_c", "mis-staging A->C"), ("mr_c_to_a", "mis-staging C->A"),
                            ("kappa_quadratic", "quadratic kappa"), ("patient_accuracy", "patient-level accuracy")):
             if key in metrics and metrics[key] is not None:
-                typer.echo(f"  {label:<24} {float(metrics[key]):.3f}")
+                interval = metrics.get(f"{key}_ci95") or {}
+                spread = (f"  (95 % CI over test patients {interval['low']:.2f}-{interval['high']:.2f})"
+                          if interval else "")
+                typer.echo(f"  {label:<24} {float(metrics[key]):.3f}{spread}")
         typer.echo(f"  per-crop predictions: {run_dir / 'predictions.csv'}")
 
         _run_step("4/6 export ONNX fp32 (margin head stripped to cosine logits) and int8 for CPUs",

@@ -93,3 +93,9 @@ def test_bootstrap_interval_is_a_point_when_every_crop_is_right():
     m = compute_metrics(labels, _onehot_probs(labels), ["a", "a", "b", "b", "c", "c"])
     assert m["accuracy_ci95"] == {"low": 1.0, "high": 1.0}
     assert m["patient_accuracy_ci95"] == {"low": 1.0, "high": 1.0}
+
+
+def test_bootstrap_interval_is_undefined_with_one_test_patient():
+    m = to_jsonable(compute_metrics([0, 0, 1], _onehot_probs([0, 1, 1]), ["p", "p", "p"]))
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["accuracy_ci95"] == {"low": None, "high": None}

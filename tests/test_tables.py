@@ -125,6 +125,18 @@ def test_bootstrap_interval_is_seeded_contains_the_mean_and_is_narrower_than_the
     assert cmp_["t"]["mean"] == pytest.approx(d.mean())
 
 
+def test_weighted_bootstrap_is_the_weighted_mean_and_equal_weights_change_nothing():
+    values = np.array([1.0, 0.0, 0.5, 0.25])
+    counts = np.array([90.0, 1.0, 4.0, 5.0])
+    iv = stats.bootstrap_interval(values, weights=counts, n_resamples=500)
+    assert iv.mean == pytest.approx((values * counts).sum() / counts.sum())
+    assert iv.low <= iv.mean <= iv.high
+    plain = stats.bootstrap_interval(values, n_resamples=500)
+    assert stats.bootstrap_interval(values, weights=np.full(4, 3.0), n_resamples=500) == plain
+    with pytest.raises(ValueError, match="weights"):
+        stats.bootstrap_interval(values, weights=[1.0, 0.0, 1.0, 1.0])
+
+
 def test_intervals_with_one_run_have_no_bounds_and_bad_input_is_refused():
     iv = stats.t_interval([0.1])
     assert iv.mean == 0.1 and math.isnan(iv.low) and iv.to_dict()["low"] is None

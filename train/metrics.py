@@ -27,6 +27,8 @@ import numpy as np
 
 from liverstage.runtime.stages import STAGES
 
+from .stats import bootstrap_interval
+
 METRIC_KEYS = (
     "accuracy", "f1_A", "f1_B", "f1_C", "precision_A", "precision_B", "precision_C",
     "recall_A", "recall_B", "recall_C", "mr_a_to_c", "mr_c_to_a", "kappa_quadratic",
@@ -101,15 +103,15 @@ def compute_metrics(labels: Sequence[int], probs: np.ndarray, patient_ids: Seque
     out["confusion"] = confusion.astype(int).tolist()
     out["n_crops"] = int(len(y))
     out["n_patients"] = len(unique)
-    resampled = np.random.default_rng(0).integers(0, len(unique), size=(BOOTSTRAP_RESAMPLES, len(unique)))
-    out["accuracy_ci95"] = _percentile_interval(crops_correct[resampled].sum(1) / crops_total[resampled].sum(1))
-    out["patient_accuracy_ci95"] = _percentile_interval(patient_hit[resampled].mean(1))
+    out["accuracy_ci95"] = _patient_interval(crops_correct / crops_total, weights=crops_total)
+    out["patient_accuracy_ci95"] = _patient_interval(patient_hit)
     return out
 
 
-def _percentile_interval(values: np.ndarray) -> dict[str, float]:
-    low, high = np.percentile(values, [2.5, 97.5])
-    return {"low": float(low), "high": float(high)}
+def _patient_interval(per_patient: np.ndarray, *, weights: np.ndarray | None = None) -> dict[str, float]:
+    """{"low", "high"}: NaN (None in JSON) with a single test patient."""
+    interval = bootstrap_interval(per_patient, weights=weights, n_resamples=BOOTSTRAP_RESAMPLES)
+    return {"low": interval.low, "high": interval.high}
 
 
 def to_jsonable(metrics: dict[str, Any]) -> dict[str, Any]:

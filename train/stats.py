@@ -82,9 +82,14 @@ def t_interval(diffs, *, confidence: float = DEFAULT_CONFIDENCE) -> Interval:
     return Interval(mean, mean - half, mean + half, n, confidence, "t")
 
 
-def bootstrap_interval(diffs, *, confidence: float = DEFAULT_CONFIDENCE,
+def bootstrap_interval(diffs, *, weights=None, confidence: float = DEFAULT_CONFIDENCE,
                        n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Interval:
-    """Percentile bootstrap interval for the mean of paired differences (fixed seed)."""
+    """Percentile bootstrap interval for the mean of paired differences (fixed seed).
+
+    The same resampling serves metrics.py's intervals over test patients: there the values are
+    per-patient accuracies and `weights` their crop counts, so each resample's statistic is the
+    crop-weighted mean (= crop accuracy of the resampled patients).
+    """
     _check_confidence(confidence)
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be positive, got {n_resamples}")
@@ -92,12 +97,15 @@ def bootstrap_interval(diffs, *, confidence: float = DEFAULT_CONFIDENCE,
     n = d.size
     if n == 0:
         raise ValueError("no differences to summarise")
-    mean = float(d.mean())
+    w = np.ones_like(d) if weights is None else _as_1d(weights, "weights")
+    if w.shape != d.shape or not (w > 0).all():
+        raise ValueError(f"weights must be positive, one per value; got {w.shape} for {d.shape}")
+    mean = float((d * w).sum() / w.sum())
     if n < 2:
         return Interval(mean, math.nan, math.nan, n, confidence, "bootstrap")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_resamples, n))
-    means = d[idx].mean(axis=1)
+    means = (d * w)[idx].sum(axis=1) / w[idx].sum(axis=1)
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     # The percentile interval of means always brackets the sample mean up to float rounding;

@@ -424,7 +424,8 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
         write_checkpoint_dict(run / "model.pt", checkpoint_dict(model, epoch=chosen, metrics=metrics, **fields,
                                                                 extra={"distributed": ddp_info}))
         ci = metrics["accuracy_ci95"]
-        say(f"test: accuracy {metrics['accuracy']:.4f} (95% CI {ci['low']:.2f}-{ci['high']:.2f})  kappa {_fmt(metrics['kappa_quadratic'])}  "
+        ci_text = f" (95% CI {ci['low']:.2f}-{ci['high']:.2f})" if ci["low"] is not None else ""
+        say(f"test: accuracy {metrics['accuracy']:.4f}{ci_text}  kappa {_fmt(metrics['kappa_quadratic'])}  "
             f"patient accuracy {metrics['patient_accuracy']:.4f}  MR A->C {_fmt(metrics['mr_a_to_c'])}  "
             f"MR C->A {_fmt(metrics['mr_c_to_a'])}  -> {run / 'model.pt'}")
     dist_info.barrier()

@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
             if key in metrics and metrics[key] is not None:
                 interval = metrics.get(f"{key}_ci95") or {}
                 spread = (f"  (95 % CI over test patients {interval['low']:.2f}-{interval['high']:.2f})"
-                          if interval else "")
+                          if interval.get("low") is not None else "")
                 typer.echo(f"  {label:<24} {float(metrics[key]):.3f}{spread}")
         typer.echo(f"  per-crop predictions: {run_dir / 'predictions.csv'}")
 

@@ -192,7 +192,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         for key, value in card["eval_metrics"].items():
             lines.append(f"- {key}: {_fmt(value)}")
         if any(key.endswith("_ci95") for key in card["eval_metrics"]):
-            lines.append("- (`_ci95`: 95 % percentile bootstrap over the test patients, 2000 resamples)")
+            from liverstage.train.metrics import BOOTSTRAP_RESAMPLES  # noqa: PLC0415
+
+            lines.append(f"- (`_ci95`: 95 % percentile bootstrap over the test patients, {BOOTSTRAP_RESAMPLES} resamples)")
     else:
         lines.append("- none recorded in the checkpoint")
     lines += ["", "## Preprocessing (PreprocessSpec, hash " + card["preprocess_hash"] + ")"]

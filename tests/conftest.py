@@ -24,6 +24,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """Run the console entry point in-process: run_cli(argv) -> (exit code, stdout, stderr)."""
+    from liverstage.runtime.cli import main  # noqa: PLC0415
+
+    def run(argv):
+        code = 0
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 # --- runtime (predict/bench) tests: a tiny liverstage-shaped ONNX model built without torch ------
 def _load_tiny_onnx_module():
     """tests/_tiny_onnx.py by path (pytest runs with --import-mode=importlib: tests/ is not on sys.path)."""

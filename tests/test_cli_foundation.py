@@ -14,27 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from liverstage.runtime.cli import main
 from liverstage.runtime.crops import crops_for_volume
 from liverstage.runtime.spec import PreprocessSpec
 
 LIVERSTAGE = Path(sys.executable).with_name("liverstage")
 
 
-def run_cli(argv, capsys):
-    """Run the console entry point in-process -> (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_synth_then_crops(tmp_path, capsys):
+def test_synth_then_crops(tmp_path, run_cli):
     code, out, err = run_cli(["synth", tmp_path / "ph", "--patients", 2, "--seed", 3, "--in-plane", 48,
-                              "--slices", 10, "--quiet"], capsys)
+                              "--slices", 10, "--quiet"])
     assert code == 0, err
     assert "not patients" in out and "manifest.csv" in out
     manifest = tmp_path / "ph" / "manifest.csv"
@@ -42,7 +30,7 @@ def test_synth_then_crops(tmp_path, capsys):
     assert [r["patient_id"] for r in rows] == ["phantom000", "phantom001"]
     image, mask = tmp_path / "ph" / rows[0]["image"], tmp_path / "ph" / rows[0]["mask"]
 
-    code, out, err = run_cli(["crops", image, "--mask", mask, "--crop-size", 40, "--out", tmp_path / "cr"], capsys)
+    code, out, err = run_cli(["crops", image, "--mask", mask, "--crop-size", 40, "--out", tmp_path / "cr"])
     assert code == 0, err
     expected = crops_for_volume(image, spec=PreprocessSpec(crop_size=40), mask=mask)
     table = list(csv.DictReader((tmp_path / "cr" / "crops.csv").open()))
@@ -58,12 +46,12 @@ def test_synth_then_crops(tmp_path, capsys):
     np.testing.assert_allclose(back, expected.images[0, 0], atol=(spec.clip_high - spec.clip_low) / 255)
 
     # box and auto work through the CLI too; a second run replaces the folder whole
-    code, _, err = run_cli(["crops", image, "--roi", "auto", "--crop-size", 32, "--out", tmp_path / "cr"], capsys)
+    code, _, err = run_cli(["crops", image, "--roi", "auto", "--crop-size", 32, "--out", tmp_path / "cr"])
     assert code == 0, err
     assert json.loads((tmp_path / "cr" / "spec.json").read_text())["crop_size"] == 32
     shape = nib.load(str(image)).shape
     code, _, err = run_cli(["crops", image, "--bbox", f"0,0,0,{shape[0]},{shape[1]},{shape[2]}",
-                            "--crop-size", 32, "--out", tmp_path / "cb"], capsys)
+                            "--crop-size", 32, "--out", tmp_path / "cb"])
     assert code == 0, err
 
 
@@ -129,11 +117,11 @@ BAD_CASES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
-def test_bad_input_is_one_line(bad_inputs, tmp_path, capsys, case):
+def test_bad_input_is_one_line(bad_inputs, tmp_path, run_cli, case):
     args, message = BAD_CASES[case]
     argv = ["crops", bad_inputs / args[0], *[bad_inputs / a if a.endswith(".nii.gz") else a for a in args[1:]]]
     out_dir = tmp_path / "out"
-    code, _, err = run_cli(argv + ["--out", out_dir], capsys)
+    code, _, err = run_cli(argv + ["--out", out_dir])
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -142,22 +130,22 @@ def test_bad_input_is_one_line(bad_inputs, tmp_path, capsys, case):
     assert not out_dir.exists() and list(tmp_path.iterdir()) == []  # no partial output, no temp dirs
 
 
-def test_good_4d_frame_and_warning(bad_inputs, tmp_path, capsys):
+def test_good_4d_frame_and_warning(bad_inputs, tmp_path, run_cli):
     code, out, err = run_cli(["crops", bad_inputs / "four.nii.gz", "--mask", bad_inputs / "mask.nii.gz",
-                              "--frame", 1, "--crop-size", 32, "--out", tmp_path / "o"], capsys)
+                              "--frame", 1, "--crop-size", 32, "--out", tmp_path / "o"])
     assert code == 0, err
     assert "frame 1" in err and (tmp_path / "o" / "crops.csv").exists()
 
 
-def test_refuses_to_replace_a_foreign_folder(bad_inputs, tmp_path, capsys):
+def test_refuses_to_replace_a_foreign_folder(bad_inputs, tmp_path, run_cli):
     precious = tmp_path / "mine"
     precious.mkdir()
     (precious / "thesis.tex").write_text("keep me")
     code, _, err = run_cli(["crops", bad_inputs / "good.nii.gz", "--mask", bad_inputs / "mask.nii.gz",
-                            "--out", precious], capsys)
+                            "--out", precious])
     assert code != 0 and "not empty" in err
     assert (precious / "thesis.tex").read_text() == "keep me"
-    code, _, err = run_cli(["synth", precious, "--patients", 1], capsys)
+    code, _, err = run_cli(["synth", precious, "--patients", 1])
     assert code != 0 and "not empty" in err
 
 

@@ -9,22 +9,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from liverstage.runtime.cli import main  # noqa: E402
 
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_demo_runs_every_step_and_stages_a_held_out_phantom(tmp_path, capsys):
+def test_demo_runs_every_step_and_stages_a_held_out_phantom(tmp_path, run_cli):
     out_dir = tmp_path / "demo"
-    code, out, err = run_cli(["demo", "--out", out_dir, "--patients", 12, "--epochs", 1, "--crop-size", 32], capsys)
+    code, out, err = run_cli(["demo", "--out", out_dir, "--patients", 12, "--epochs", 1, "--crop-size", 32])
     assert code == 0, err
     for name in ("phantoms/manifest.csv", "run/model.pt", "run/metrics.json", "model.onnx", "model.int8.onnx",
                  "MODEL_CARD.md", "report.json", "summary.png", "bench.json"):
@@ -43,6 +31,6 @@ def test_demo_runs_every_step_and_stages_a_held_out_phantom(tmp_path, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    code, _, err = run_cli(["demo", "--out", foreign, "--patients", 12, "--epochs", 1], capsys)
+    code, _, err = run_cli(["demo", "--out", foreign, "--patients", 12, "--epochs", 1])
     assert code != 0 and "not an earlier demo folder" in err and len(err.strip().splitlines()) == 1
     assert (foreign / "notes.txt").read_text() == "keep me"

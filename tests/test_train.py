@@ -19,6 +19,7 @@ from liverstage.runtime.spec import PreprocessSpec
 from liverstage.runtime.synth import synth_cohort
 from liverstage.train import data as data_mod
 from liverstage.train.checkpoint import load_checkpoint
+from liverstage.train.evaluate import predict_crops
 from liverstage.train.trainer import TrainConfig, train_run
 
 CROP = 32
@@ -325,3 +326,12 @@ def test_train_on_gpu_with_amp(cohort, cache, tmp_path):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         emb = model(torch.rand(4, 1, CROP, CROP, device="cuda").contiguous(memory_format=torch.channels_last))
         assert model.class_logits(emb).dtype == torch.float32
+    # Evaluation is strict float32 on the GPU too: the same probabilities as on the CPU, and
+    # PyTorch's TF32 setting is left as it was.
+    images = np.random.default_rng(0).random((16, 1, CROP, CROP), dtype=np.float32)
+    tf32_before = torch.backends.cudnn.allow_tf32
+    on_gpu = predict_crops(model, images, device="cuda")
+    assert torch.backends.cudnn.allow_tf32 == tf32_before
+    on_cpu = predict_crops(load_checkpoint(run / "model.pt")[0], images)
+    assert np.allclose(on_gpu["probs"], on_cpu["probs"], atol=1e-4)
+    assert np.allclose(on_gpu["cosine"], on_cpu["cosine"], atol=1e-4)

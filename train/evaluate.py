@@ -2,6 +2,11 @@
 
 The same functions serve the trainer (validation and test) and `evaluate`, so a run's
 metrics.json and a later `liverstage evaluate RUN/model.pt` agree.
+
+Evaluation always runs in float32, TF32 off, also on a GPU where training runs under bf16
+autocast: reported metrics must not depend on the device. Measured on an H200 (bench_gpu.py),
+bf16 moved a trained ResNet18+AMCL's cosines by up to 0.05 and its probabilities by ~0.01 from
+fp32, while evaluation is a small share of a run's time.
 """
 
 from __future__ import annotations
@@ -54,12 +59,23 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def strict_float32():
+    """TF32 off for cuDNN convolutions and matmuls (PyTorch lets cuDNN use TF32 by default)."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @torch.no_grad()
 def predict_crops(model, images: np.ndarray | torch.Tensor, *, labels: np.ndarray | None = None,
-                  batch_size: int = 64, device: torch.device | str = "cpu",
-                  amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Probabilities [N, C] and cosines [N, C] (float64 numpy) of crops [N, 1, S, S]; with labels
-    also the mean training loss (with margin), for validation curves."""
+                  batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Probabilities [N, C] and cosines [N, C] (float64 numpy) of crops [N, 1, S, S], in strict
+    float32 (module docstring); with labels also the mean training loss (with margin), for
+    validation curves."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -67,19 +83,19 @@ def predict_crops(model, images: np.ndarray | torch.Tensor, *, labels: np.ndarra
     loss_sum, count = 0.0, 0
     data = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     try:
-        for start in range(0, data.shape[0], batch_size):
-            x = data[start:start + batch_size].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp_dtype):
+        with strict_float32():
+            for start in range(0, data.shape[0], batch_size):
+                x = data[start:start + batch_size].to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
                 emb = model(x)
-            logits = model.class_logits(emb)
-            probs.append(torch.softmax(logits, dim=1).double().cpu())
-            cosines.append(model.cosine(emb).double().cpu())
-            if labels is not None:
-                y = torch.as_tensor(labels[start:start + batch_size], device=device)
-                loss_sum += float(model.loss(emb, y)) * len(y)
-                count += len(y)
+                logits = model.class_logits(emb)
+                probs.append(torch.softmax(logits, dim=1).double().cpu())
+                cosines.append(model.cosine(emb).double().cpu())
+                if labels is not None:
+                    y = torch.as_tensor(labels[start:start + batch_size], device=device)
+                    loss_sum += float(model.loss(emb, y)) * len(y)
+                    count += len(y)
     finally:
         model.train(was_training)
     out: dict[str, Any] = {
@@ -104,11 +120,10 @@ def predictions_csv(data: CropData, probs: np.ndarray, cosine: np.ndarray) -> st
     return buf.getvalue()
 
 
-def evaluate_data(model, data: CropData, *, batch_size: int = 64, device="cpu",
-                  amp_dtype=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, raw predictions) of a model over a crop set."""
-    raw = predict_crops(model, data.images, labels=data.labels, batch_size=batch_size, device=device,
-                        amp_dtype=amp_dtype)
+def evaluate_data(model, data: CropData, *, batch_size: int = 64,
+                  device="cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, raw predictions) of a model over a crop set, in strict float32."""
+    raw = predict_crops(model, data.images, labels=data.labels, batch_size=batch_size, device=device)
     metrics = compute_metrics(data.labels, raw["probs"], data.patient_ids.tolist())
     metrics["loss"] = raw["loss"]
     return metrics, raw
@@ -158,7 +173,7 @@ def evaluate_checkpoint(model_path: str | os.PathLike, manifest: str | os.PathLi
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    metrics, raw = evaluate_data(model, data, batch_size=batch_size, device=dev, amp_dtype=amp_dtype_for(dev))
+    metrics, raw = evaluate_data(model, data, batch_size=batch_size, device=dev)
     metrics = to_jsonable(metrics)
     if out is not None:
         write_json(out, metrics)

@@ -19,7 +19,8 @@ What a run does:
    test metrics), metrics.json, predictions.csv, and history.csv (one row per epoch).
 
 GPU: autocast in bf16 (fp16 + GradScaler where bf16 is missing) with the angular head in fp32
-(the head disables autocast itself), channels_last. Under torchrun (WORLD_SIZE > 1) it trains
+(the head disables autocast itself), channels_last; validation and test run in strict float32
+(evaluate.py). Under torchrun (WORLD_SIZE > 1) it trains
 with DistributedDataParallel (nccl on GPU, gloo on CPU); each process takes every
 world_size-th crop of the epoch's permutation with a per-process batch of `batch_size`.
 A final training batch of one crop is dropped (BatchNorm cannot train on a single 1x1 map).
@@ -372,7 +373,7 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
             model.head.warmup = False  # validation loss is always the configured loss
         if main and len(val_data):
             val_metrics, _ = evaluate_data(model, val_data, batch_size=max(config.batch_size, 64),
-                                           device=device, amp_dtype=amp_dtype)
+                                           device=device)
             row.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"],
                        val_kappa_quadratic=val_metrics["kappa_quadratic"],
                        val_patient_accuracy=val_metrics["patient_accuracy"])
@@ -415,8 +416,7 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
             model.load_state_dict(read_checkpoint_dict(best_path)["state_dict"])
             chosen = int(best["epoch"])
             say(f"selected epoch {chosen} on validation patients (accuracy {best['val_accuracy']:.3f})")
-        metrics, raw = evaluate_data(model, test_data, batch_size=max(config.batch_size, 64), device=device,
-                                     amp_dtype=amp_dtype)
+        metrics, raw = evaluate_data(model, test_data, batch_size=max(config.batch_size, 64), device=device)
         metrics["epoch"] = chosen
         metrics = to_jsonable(metrics)
         write_text(run / "predictions.csv", predictions_csv(test_data, raw["probs"], raw["cosine"]))

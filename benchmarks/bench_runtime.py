@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,23 @@ def peak_memory_of_predict(volume: Path, mask: Path, model: Path, threads: int |
     return maxrss_kib / 1024**2, time.perf_counter() - t0, code  # ru_maxrss is KiB on Linux
 
 
+def fma_peak_gflops(threads: int) -> float | None:
+    """Register-only float32 FMA rate of this CPU (benchmarks/fma_peak.c), best of 3 runs; None
+    without a C compiler. The ceiling for any float32 kernel, above numpy's sgemm."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "fma_peak"
+        built = subprocess.run([compiler, "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp",
+                                str(Path(__file__).with_name("fma_peak.c")), "-o", str(exe)], capture_output=True)
+        if built.returncode != 0:
+            return None
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        return max(float(subprocess.run([str(exe)], capture_output=True, text=True, env=env, check=True).stdout)
+                   for _ in range(3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and ONNX Runtime (same for both)")
@@ -155,8 +173,25 @@ def speed(figures: dict, args, ckpt: Path, fp32: Path, int8: Path) -> None:
         figures["onnx_fp32_speedup"] = rows["onnx"]["speedup_vs_torch"]
         figures["onnx_int8_speedup"] = rows["onnx-int8"]["speedup_vs_torch"] if "onnx-int8" in rows else None
         print(f"  ONNX Runtime fp32 vs PyTorch eager fp32: {figures['onnx_fp32_speedup']:.2f}x   (target >= 1.9x)")
+        fp32_headroom(figures, args, bench, rows)
         if figures["onnx_int8_speedup"]:
             print(f"  ONNX Runtime int8 vs PyTorch eager fp32: {figures['onnx_int8_speedup']:.2f}x   (target >= 5x)")
+
+
+def fp32_headroom(figures: dict, args, bench: dict, rows: dict) -> None:
+    """What the 1.9x fp32 target asks of this CPU: the GFLOP/s it needs against both peaks."""
+    fma = fma_peak_gflops(args.threads)
+    needed = 1.9 * rows["torch"]["gflops"]
+    figures["fp32_target_needs_gflops"] = needed
+    figures["fma_peak_gflops"] = fma
+    line = (f"  1.9x needs {needed:.0f} GFLOP/s: {100 * needed / bench['machine']['matmul_peak_gflops']:.0f}% of "
+            f"the matmul peak")
+    if fma is None:
+        line += "; FMA peak not measured (no C compiler)"
+    else:
+        line += (f", {100 * needed / fma:.0f}% of this CPU's register-only FMA peak ({fma:.0f} GFLOP/s, "
+                 f"benchmarks/fma_peak.c); ONNX Runtime fp32 is at {100 * rows['onnx']['gflops'] / fma:.0f}% of it")
+    print(line)
 
 
 def end_to_end_figure(figures: dict, args, folder: Path, fp32: Path) -> None:

@@ -160,30 +160,42 @@ class TorchEager:
     """PyTorch eager fp32 from a liverstage checkpoint: the reference the issue's ratios use.
 
     The only torch use in the runtime: imported here, only when the `torch` backend is asked for.
+    On a GPU it runs in strict float32 (TF32 off, as PyTorch does for matmuls by default) with
+    cudnn.benchmark on, numpy in and out like every other backend, so the copies are timed too.
     """
 
-    name = "torch-eager"
     precision = "fp32"
 
-    def __init__(self, checkpoint: Path, threads: int | None) -> None:
+    def __init__(self, checkpoint: Path, threads: int | None, device: str = "cpu") -> None:
         import torch  # noqa: PLC0415
 
         from liverstage.train.checkpoint import load_checkpoint  # noqa: PLC0415
+        from liverstage.train.evaluate import resolve_device, strict_float32  # noqa: PLC0415
 
         self.torch = torch
+        self.strict_float32 = strict_float32
+        self.device = resolve_device(device)
+        self.name = "torch-eager" if self.device.type == "cpu" else "torch-eager-cuda"
         if threads is not None:
             torch.set_num_threads(threads)
         self.model, _ = load_checkpoint(checkpoint, map_location="cpu")
-        self.model.eval()
+        self.model.eval().to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(images)
+        with torch.inference_mode(), self.strict_float32():
+            x = torch.from_numpy(images).to(self.device)
             emb = self.model(x)
             probs = torch.softmax(self.model.class_logits(emb), dim=1)
             cos = self.model.cosine(emb)
-        return {"probs": probs.numpy(), "cosine": cos.numpy(), "embedding": emb.numpy()}
+        return {"probs": probs.cpu().numpy(), "cosine": cos.cpu().numpy(), "embedding": emb.cpu().numpy()}
+
+
+def runner_device(runner) -> str:
+    """'cuda' for backends that run on the GPU (ONNX Runtime CUDA, TensorRT), else 'cpu'."""
+    return "cuda" if runner.name in ("onnxruntime-cuda", "tensorrt", "torch-eager-cuda") else "cpu"
 
 
 @dataclasses.dataclass
@@ -216,7 +228,7 @@ class BenchConfig:
             raise InputError(f"--input not found: {self.input_volume}")
 
 
-def _open(kind: str, cfg: BenchConfig, metadata):
+def _open(kind: str, cfg: BenchConfig, metadata, *, torch_device: str = "cpu"):
     """(runner, path, skipped reason). Never raises for an absent optional backend."""
     from .backends import open_backend  # noqa: PLC0415
 
@@ -241,7 +253,7 @@ def _open(kind: str, cfg: BenchConfig, metadata):
             return None, path, "torch is not installed (the PyTorch eager reference needs the train extra)"
         if path is None or not path.is_file():
             return None, path, f"no torch checkpoint ({path or 'none named in the metadata'}; give --checkpoint)"
-        return TorchEager(path, cfg.threads), path, None
+        return TorchEager(path, cfg.threads, torch_device), path, None
     except ImportError as exc:
         return None, None, f"{kind} is not available here ({exc})"
     except LiverstageError as exc:
@@ -283,33 +295,49 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = lambda s: None) 
     peak = matmul_peak_gflops()
     flops = count_flops(cfg.model) if cfg.model.suffix == ".onnx" else None
     rows: list[dict] = []
-    torch_p50: dict[int, float] = {}
-    order = sorted(cfg.backends, key=lambda b: b != "torch")  # the reference first, for the speed-ups
-    for kind in order:
+    opened = []  # (kind, runner, path) of the backends under test, in the order asked
+    for kind in (b for b in cfg.backends if b != "torch"):
         runner, path, skipped = _open(kind, cfg, meta)
         if runner is None:
             rows.append({"backend": kind, "model": str(path) if path else None, "skipped": skipped})
             log(f"{kind}: skipped ({skipped})")
-            continue
+        else:
+            opened.append((kind, runner, path))
+    # The PyTorch reference runs on each device a backend under test runs on (the GPU for
+    # TensorRT, so its speed-up is against PyTorch on the same GPU); alone, on --device.
+    if "torch" in cfg.backends:
+        devices = sorted({runner_device(r) for _, r, _ in opened}) or (["cuda"] if cfg.device == "cuda" else ["cpu"])
+        for device in devices:
+            runner, path, skipped = _open("torch", cfg, meta, torch_device=device)
+            if runner is None:
+                rows.append({"backend": "torch", "model": str(path) if path else None, "skipped": skipped})
+                log(f"torch: skipped ({skipped})")
+            else:
+                opened.insert(0, ("torch", runner, path))  # the references first, for the speed-ups
+    torch_p50: dict[tuple[str, int], float] = {}
+    for kind, runner, path in opened:
+        device = runner_device(runner)
         for bs in cfg.batch_sizes:
             batch = _batch(images, bs)
-            log(f"{kind}: batch {bs} ({cfg.warmup} warm-up + {cfg.iters} timed runs) ...")
+            log(f"{kind} ({device}): batch {bs} ({cfg.warmup} warm-up + {cfg.iters} timed runs) ...")
             stats = percentiles(time_calls(lambda: runner.run(batch), warmup=cfg.warmup, iters=cfg.iters))
-            row = {"backend": kind, "runner": runner.name, "model": str(path), "precision": runner.precision,
-                   "batch_size": bs, "skipped": None,
+            row = {"backend": kind, "runner": runner.name, "device": device, "model": str(path),
+                   "precision": runner.precision, "batch_size": bs, "skipped": None,
                    **{f"{k}_ms": v * 1e3 for k, v in stats.items()},
                    "crops_per_s": bs / stats["p50"]}
             if kind == "torch":
-                torch_p50[bs] = stats["p50"]
-            row["speedup_vs_torch"] = torch_p50[bs] / stats["p50"] if bs in torch_p50 else None
+                torch_p50[device, bs] = stats["p50"]
+            torch_s = torch_p50.get((device, bs))
+            row["speedup_vs_torch"] = torch_s / stats["p50"] if torch_s else None
             row["gflops"] = flops * bs / stats["p50"] / 1e9 if flops else None
-            row["fraction_of_peak"] = row["gflops"] / peak if row["gflops"] else None
+            # The matmul peak is the CPU's; a GPU row's share of it would mean nothing.
+            row["fraction_of_peak"] = row["gflops"] / peak if row["gflops"] and device == "cpu" else None
             rows.append(row)
 
     # Again after the backends, keeping the higher: on a shared machine one reading can be low.
     peak = max(peak, matmul_peak_gflops())
     for row in rows:
-        if row.get("gflops"):
+        if row.get("gflops") and row.get("device") == "cpu":
             row["fraction_of_peak"] = row["gflops"] / peak
     result = {
         "liverstage_version": __version__,

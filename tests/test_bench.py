@@ -100,3 +100,71 @@ def test_bench_bad_options(tmp_path, tiny_model, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("liverstage: error:") and "--batch-sizes" in err and len(err.splitlines()) == 1
+
+
+class _FakeRunner:
+    """Stands in for a backend: a name that says where it runs, and a fixed amount of work."""
+
+    precision = "fp32"
+
+    def __init__(self, name: str, repeats: int) -> None:
+        self.name, self.repeats = name, repeats
+
+    def run(self, images):
+        for _ in range(self.repeats):
+            np.sort(np.random.default_rng(0).random(20000))
+
+
+def test_torch_reference_runs_on_each_device_a_backend_runs_on(tmp_path, tiny_model, monkeypatch):
+    """A TensorRT row is compared with PyTorch on the GPU, an ONNX Runtime CPU row with PyTorch on the CPU."""
+    from liverstage.runtime import bench as bench_mod
+
+    asked = []
+
+    def fake_open(kind, cfg, metadata, *, torch_device="cpu"):
+        if kind == "torch":
+            asked.append(torch_device)
+            return _FakeRunner("torch-eager" if torch_device == "cpu" else "torch-eager-cuda", 4), tmp_path, None
+        return _FakeRunner({"onnx": "onnxruntime-cpu", "trt": "tensorrt"}[kind], 1), tmp_path, None
+
+    monkeypatch.setattr(bench_mod, "_open", fake_open)
+    cfg = BenchConfig(model=tiny_model, backends=("onnx", "trt", "torch"), batch_sizes=(2,), warmup=0, iters=3)
+    rows = {(r["backend"], r["device"]): r for r in run_bench(cfg)["results"]}
+    assert sorted(asked) == ["cpu", "cuda"]
+    assert set(rows) == {("onnx", "cpu"), ("trt", "cuda"), ("torch", "cpu"), ("torch", "cuda")}
+    for kind, device in (("onnx", "cpu"), ("trt", "cuda")):
+        reference = rows["torch", device]["p50_ms"]
+        assert rows[kind, device]["speedup_vs_torch"] == pytest.approx(reference / rows[kind, device]["p50_ms"])
+    # The CPU's matmul peak says nothing about a GPU row.
+    assert rows["trt", "cuda"]["fraction_of_peak"] is None and rows["onnx", "cpu"]["fraction_of_peak"] is not None
+
+
+def test_torch_reference_on_a_missing_gpu_is_a_skipped_row(tmp_path, tiny_model, monkeypatch):
+    pytest.importorskip("torch")
+    import torch
+
+    from liverstage.runtime.bench import TorchEager
+    from liverstage.runtime.errors import BackendUnavailable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
+        TorchEager(tmp_path / "missing.pt", None, "cuda")
+
+
+@pytest.mark.gpu
+def test_torch_reference_on_the_gpu_matches_the_cpu(tmp_path):
+    import torch
+
+    from liverstage.runtime.bench import TorchEager
+    from liverstage.runtime.spec import PreprocessSpec
+    from liverstage.train.checkpoint import save_checkpoint
+    from liverstage.train.model import build_model
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "model.pt", build_model("resnet18", "amcl").eval(),
+                           preprocess=PreprocessSpec(crop_size=32), args={}, splits={}, manifest=None, epoch=0)
+    images = np.random.default_rng(0).random((8, 1, 32, 32), dtype=np.float32)
+    on_gpu, on_cpu = TorchEager(ckpt, None, "cuda"), TorchEager(ckpt, None, "cpu")
+    assert on_gpu.name == "torch-eager-cuda" and on_cpu.name == "torch-eager"
+    for key in ("probs", "cosine"):
+        assert np.allclose(on_gpu.run(images)[key], on_cpu.run(images)[key], atol=1e-4)

@@ -43,7 +43,7 @@ def print_bench(result: dict, console=None) -> None:
         if r["skipped"]:
             continue
         table.add_row(
-            r["backend"], str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+            r["backend"] + (" (GPU)" if r.get("device") == "cuda" else ""), str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
             f"{r['p99_ms']:.2f}", f"{r['crops_per_s']:.4g}",
             f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "n/a",
             f"{r['gflops']:.1f}" if r["gflops"] else "n/a",
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
         iters: int = typer.Option(20, "--iters", help="Timed runs per backend and batch size."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for ONNX Runtime and torch (default: their own)."),
-        device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto for the ONNX backends."),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto for the ONNX backends. The torch reference runs on each device a measured backend runs on (the GPU for trt), so every speed-up is against PyTorch on the same device."),
         int8_model: Optional[Path] = typer.Option(None, "--int8-model", help="INT8 ONNX model (default: X.int8.onnx beside X.onnx)."),
         engine: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine (default: X.engine beside X.onnx)."),
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="model.pt for the PyTorch eager reference (default: the path in the model's metadata)."),

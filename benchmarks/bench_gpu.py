@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from liverstage.export.graph import InferenceGraph, probs_source_for
+from liverstage.runtime.bench import percentiles, time_calls
 from liverstage.train.evaluate import amp_dtype_for
 from liverstage.train.model import build_model
 from liverstage.train.trainer import TrainStep, train_steps
@@ -67,17 +67,13 @@ def sync(device: torch.device) -> None:
 
 
 def median_seconds(fn, device: torch.device, *, warmup: int, iters: int) -> float:
-    """Median wall time of fn() over `iters` calls after `warmup`, the device synchronised around each."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
+    """Median wall time of fn() with the device synchronised after each call (runtime.bench's timing core)."""
+    def call():
         fn()
         sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+
+    sync(device)
+    return percentiles(time_calls(call, warmup=warmup, iters=iters))["p50"]
 
 
 def matmul_peaks(device: torch.device, n: int) -> dict[str, float]:

@@ -41,6 +41,8 @@ from liverstage.train.evaluate import amp_dtype_for
 from liverstage.train.model import build_model
 from liverstage.train.trainer import TrainStep, train_steps
 
+from bench_train import bare_loop  # the same bare fp32 loop as the CPU benchmark (this folder)
+
 
 class HalfBackbone(nn.Module):
     """The backbone in fp16/bf16 with fp32 output, so the cosine head runs in fp32 (as exported)."""
@@ -160,15 +162,6 @@ def inference(backbone: str, size: int, batch: int, device: torch.device, peaks:
             "variants": rows, "numerics_random": numerics}
 
 
-def bare_step_loop(model, optimizer, images, labels, batches) -> None:
-    """The reference: a plain fp32 loop, NCHW, no autocast (what anyone would write by hand)."""
-    for idx in batches:
-        loss = model.loss(model(images[idx]), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
 def training(backbone: str, size: int, batch: int, steps: int, device: torch.device, amp_dtype) -> dict:
     torch.manual_seed(0)
     n = batch * steps
@@ -180,7 +173,7 @@ def training(backbone: str, size: int, batch: int, steps: int, device: torch.dev
     torch.backends.cudnn.benchmark = False
     bare = build_model(backbone, "amcl").to(device).train()
     bare_opt = torch.optim.Adam(bare.parameters(), lr=5e-5)
-    bare_s = median_seconds(lambda: bare_step_loop(bare, bare_opt, images, labels, batches), device, warmup=1, iters=3)
+    bare_s = median_seconds(lambda: bare_loop(bare, bare_opt, images, labels, batches), device, warmup=1, iters=3)
     del bare, bare_opt
 
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as train_run sets it on a GPU

@@ -28,7 +28,7 @@ def make_phantom(folder: Path, name: str, *, in_plane: int, slices: int, index: 
     """A phantom (not a patient) in canonical RAS, centre-cropped along z to exactly `slices`."""
     import nibabel as nib
 
-    from liverstage.runtime.synth import synth_patient
+    from liverstage.phantoms.synth import synth_patient
 
     ph = synth_patient(index, seed=0, in_plane=in_plane, slices=int(slices * 1.2) + 2)
     img = nib.as_closest_canonical(nib.Nifti1Image(ph.data, ph.affine))

@@ -95,7 +95,7 @@ def step_overhead(backbone: str, loss: str, size: int, batch: int, steps: int, r
 
 def pipeline_ratio(backbone: str, loss: str, size: int, batch: int, epochs: int, patients: int,
                    in_plane: int, slices: int, workdir: Path) -> dict:
-    from liverstage.runtime.synth import synth_cohort  # noqa: PLC0415
+    from liverstage.phantoms.synth import synth_cohort  # noqa: PLC0415
 
     manifest = synth_cohort(workdir / "phantoms", patients=patients, seed=0, in_plane=in_plane, slices=slices)
     cfg = TrainConfig(manifest=manifest, out=workdir / "run", backbone=backbone, loss=loss, epochs=epochs,

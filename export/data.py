@@ -85,7 +85,7 @@ def _rows_for(manifest: Path, patients: set[str]) -> list:
 def phantom_crops(spec: PreprocessSpec, *, patients: int = 6, seed: int = 20240611) -> Crops:
     """Crops from a few freshly generated synthetic phantoms (labelled; THEY ARE NOT PATIENTS)."""
     from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
-    from liverstage.runtime.synth import synth_cohort  # noqa: PLC0415
+    from liverstage.phantoms.synth import synth_cohort  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="liverstage-phantoms-") as tmp:
         manifest = synth_cohort(Path(tmp) / "phantoms", patients=patients, seed=seed, in_plane=96, slices=20)

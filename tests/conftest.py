@@ -82,7 +82,7 @@ def small_cohort(tmp_path_factory):
     Stages (seed 0): a mix of A, B and C; NIfTI volumes + liver masks (label 1), stored in
     several axis orders. Treat it as read-only: it is shared by every test in the session.
     """
-    from liverstage.runtime.synth import synth_cohort
+    from liverstage.phantoms.synth import synth_cohort
 
     return synth_cohort(tmp_path_factory.mktemp("phantoms") / "cohort", **SMALL_COHORT)
 

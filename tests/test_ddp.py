@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from liverstage.runtime.synth import synth_cohort
+from liverstage.phantoms.synth import synth_cohort
 
 
 def _free_port() -> int:

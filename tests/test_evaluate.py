@@ -10,7 +10,7 @@ import torch
 from liverstage.runtime.cli import main
 from liverstage.runtime.manifest import read_manifest
 from liverstage.runtime.spec import PreprocessSpec
-from liverstage.runtime.synth import synth_cohort
+from liverstage.phantoms.synth import synth_cohort
 from liverstage.train.checkpoint import load_checkpoint, save_checkpoint
 from liverstage.train.data import load_crops
 from liverstage.train.evaluate import predict_crops

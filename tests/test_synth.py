@@ -10,7 +10,7 @@ import pytest
 
 from liverstage.runtime.io import load_mask, load_volume
 from liverstage.runtime.manifest import read_manifest
-from liverstage.runtime.synth import STAGE_FRACTIONS, stage_plan, synth_cohort, synth_patient
+from liverstage.phantoms.synth import STAGE_FRACTIONS, stage_plan, synth_cohort, synth_patient
 
 TINY = {"in_plane": 32, "slices": 6}
 

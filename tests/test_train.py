@@ -16,7 +16,7 @@ import torch
 from liverstage.runtime.cli import main
 from liverstage.runtime.manifest import read_manifest
 from liverstage.runtime.spec import PreprocessSpec
-from liverstage.runtime.synth import synth_cohort
+from liverstage.phantoms.synth import synth_cohort
 from liverstage.train import data as data_mod
 from liverstage.train.checkpoint import load_checkpoint
 from liverstage.train.evaluate import predict_crops

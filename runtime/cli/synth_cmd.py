@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console  # noqa: PLC0415
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
 
-        from ..synth import PHANTOM_NOTE, stage_plan, synth_cohort  # noqa: PLC0415
+        from liverstage.phantoms import PHANTOM_NOTE, stage_plan, synth_cohort  # noqa: PLC0415
 
         check_replaceable(out, marker="PHANTOMS_NOT_PATIENTS.txt", what="phantom")
         console = Console(stderr=True)

@@ -39,8 +39,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from .atomic import atomic_dir
-from .stages import STAGES
+from liverstage.runtime.atomic import atomic_dir
+from liverstage.runtime.stages import STAGES
 
 PHANTOM_NOTE = (
     "These volumes are SYNTHETIC PHANTOMS made by `liverstage synth`, not patients. "

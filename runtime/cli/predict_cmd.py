@@ -1,4 +1,4 @@
-"""`liverstage predict`: stage NIfTI volumes or a DICOM series with an exported model (no torch)."""
+"""`liverstage predict`: stage NIfTI volumes or DICOM studies with an exported model (no torch)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ DEVICES = ("auto", "cpu", "cuda")
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
-        inputs: List[Path] = typer.Argument(..., help="NIfTI files (.nii/.nii.gz), folders of them, or a folder holding one DICOM series."),
+        inputs: List[Path] = typer.Argument(..., help="NIfTI files (.nii/.nii.gz), folders of them, or DICOM study folders (searched recursively; each study is one input)."),
         model: Path = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ONNX Runtime) or .engine (TensorRT, with its .engine.json)."),
         mask: Optional[Path] = typer.Option(None, "--mask", help="Liver mask for a single input (same grid as the volume)."),
         mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Folder of masks paired by file name: D/<name>, D/<stem>/liver.nii.gz, or one D/<stem>*.nii.gz."),
         mask_label: Optional[int] = typer.Option(None, "--mask-label", help="Label value of the liver in a multi-label mask (TotalSegmentator total_mr: 5). Default: any non-zero voxel."),
         bbox: Optional[str] = typer.Option(None, "--bbox", help="Liver box x0,y0,z0,x1,y1,z1 in the file's voxel coordinates (half-open); for a DICOM series: column, row, slice (slices in position order)."),
+        series: Optional[str] = typer.Option(None, "--series", help="DICOM: the series to stage, by SeriesInstanceUID, series number or a description pattern (regular expression, case-insensitive). Default: the one series that passes the rules (see `liverstage series`)."),
         roi: Optional[str] = typer.Option(None, "--roi", help="'auto': rough liver region heuristic, no mask needed (the default when no mask or box is given)."),
         report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here (atomically)."),
         csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write one row per crop here."),
@@ -56,7 +57,8 @@ def register(app: typer.Typer) -> None:
         model_info = {"path": str(model.resolve()), "sha256": file_sha256(model),
                       "backend": backend.name, "precision": backend.precision}
         predictor = Predictor(backend, mask=mask, mask_dir=mask_dir, mask_label=mask_label, bbox=box, roi=roi,
-                              batch_size=batch_size, keep_preview=png is not None, model_info=model_info)
+                              batch_size=batch_size, keep_preview=png is not None, model_info=model_info,
+                              series=series)
         run = predictor.run(paths)
 
         if len(paths) == 1 and run.errors:

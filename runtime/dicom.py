@@ -42,6 +42,10 @@ LOSSY_TRANSFER_SYNTAXES = frozenset({
     "1.2.840.10008.1.2.4.106", "1.2.840.10008.1.2.4.106.1", "1.2.840.10008.1.2.4.107",
     "1.2.840.10008.1.2.4.108",  # MPEG-2 / MPEG-4 / HEVC video
 })
+# JPEG, JPEG-LS, JPEG 2000 and HTJ2K codestreams all end with the marker FF D9 (EOI / EOC); their
+# decoders return an image from a codestream cut short without complaint, so this is checked here.
+_ENDS_WITH_EOI = ("1.2.840.10008.1.2.4.5", "1.2.840.10008.1.2.4.6", "1.2.840.10008.1.2.4.7",
+                  "1.2.840.10008.1.2.4.8", "1.2.840.10008.1.2.4.9", "1.2.840.10008.1.2.4.20")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # What the volume holds: stored values through the rescale slope/intercept only (what dcm2niix
 # writes), no windowing, no presentation or colour transforms.
@@ -90,6 +94,8 @@ def _read(path: Path):
         ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001  (pydicom raises many kinds on a broken file)
         raise InputError(f"cannot read DICOM file {path} ({_why(exc)})") from None
+    if "PixelData" not in ds:  # pydicom returns an empty dataset when the file ends inside its pixel data
+        raise InputError(f"{path} has no pixel data (truncated file?)")
     ds.filename = str(path)
     return ds
 
@@ -121,11 +127,9 @@ def _check_pixels(ds) -> None:
     """Truncated or undecodable pixel data -> InputError naming the file (pixel_array stays cached)."""
     pydicom = import_pydicom()
     name = ds.filename
-    if "PixelData" not in ds:
-        raise InputError(f"{name} has no pixel data")
     uid = pydicom.uid.UID(transfer_syntax(ds))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
     if not uid.is_encapsulated:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
         bits = int(ds.get("BitsAllocated", 16) or 16)
         expected = (int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1) * bits + 7) // 8
         have = len(ds.PixelData)
@@ -135,10 +139,26 @@ def _check_pixels(ds) -> None:
         decoder = pydicom.pixels.get_decoder(uid)
         if decoder is None or not decoder.is_available:
             raise InputError(f"{name}: no decoder for {uid.name} is installed: pip install 'liverstage[dicom]'")
+        if str(uid).startswith(_ENDS_WITH_EOI):
+            _check_codestream_ends(ds, uid, frames)
     try:
         ds.pixel_array  # noqa: B018  (decodes once; pydicom caches the array for highdicom)
     except Exception as exc:  # noqa: BLE001  (a corrupt stream fails in the codec, with its own types)
         raise InputError(f"{name}: cannot decode the pixel data ({uid.name}; {_why(exc)})") from None
+
+
+def _check_codestream_ends(ds, uid, frames: int) -> None:
+    pydicom = import_pydicom()
+    try:
+        codestreams = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception as exc:  # noqa: BLE001  (broken item tags or offsets)
+        raise InputError(f"{ds.filename}: cannot split the {uid.name} pixel data into frames ({_why(exc)})") from None
+    if len(codestreams) != frames:
+        raise InputError(f"{ds.filename}: {len(codestreams)} compressed frames in the pixel data, NumberOfFrames is {frames}")
+    for k, codestream in enumerate(codestreams):
+        if not codestream.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise InputError(f"{ds.filename}: frame {k + 1} of the {uid.name} pixel data is cut short "
+                             "(no end-of-image marker)")
 
 
 def _to_nibabel_grid(volume, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -114,3 +114,36 @@ def legacy_enhanced(files, path: str | Path, *, series_number: int = 6) -> Path:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save_as(path)
     return Path(path)
+
+
+def phantom_case(manifest: str | Path, index: int):
+    """(volume path, mask path, Volume) of phantom `index` of a cohort manifest."""
+    from liverstage.runtime.io import load_volume  # noqa: PLC0415
+    from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
+
+    row = read_manifest(manifest)[index]
+    return row.image, row.mask, load_volume(row.image)
+
+
+def real_distractors(folder: str | Path) -> dict[str, Path]:
+    """One real study from pydicom's dicomdirtests/98892003, one subfolder per series.
+
+    Study ...18148.0.1 holds a FAST LOCALIZER (series 1, sagittal), a 3-plane pilot (series 2,
+    mixed orientations) and an angiography projection (series 700, DERIVED\\SECONDARY).
+    """
+    import shutil  # noqa: PLC0415
+
+    root = testdata("dicomdirtests") / "98892003"
+    parts = {"loc": ["MR1/5641"], "pilot": ["MR2/6273", "MR2/6605", "MR2/6935"],
+             "proj": [f"MR700/{n}" for n in (4467, 4528, 4558, 4588, 4618, 4648, 4678)]}
+    out = {}
+    for name, files in parts.items():
+        target = Path(folder) / name
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy(root / f, target / Path(f).name)
+        out[name] = target
+    return out
+
+
+REAL_STUDY_UID = "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.1"

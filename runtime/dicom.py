@@ -61,6 +61,18 @@ def import_pydicom():
     return pydicom
 
 
+def quiet_pydicom_warnings() -> None:
+    """Keep pydicom's warnings about odd values off stderr (for the CLI, at start-up, one thread).
+
+    pydicom warns about every value that breaks the standard (a 'nan' position, a 66-character
+    UID) and about files that end early; the CLI promises one line on stderr, and the checks
+    here turn what matters for staging into that line or a report warning.
+    """
+    import warnings  # noqa: PLC0415
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
 def _import_highdicom():
     try:
         import highdicom  # noqa: PLC0415

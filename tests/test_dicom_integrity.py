@@ -164,3 +164,20 @@ def test_non_image_and_odd_files_are_ignored(tmp_path, series_dirs):
     (tmp_path / "s" / ".hidden.dcm").write_bytes((tmp_path / "s" / "IM0001.dcm").read_bytes())
     (series,) = scan_dicom(tmp_path)
     assert series.stageable and series.n_instances == 17
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_one_line_on_the_real_stderr(series_dirs, tmp_path, tiny_model):
+    """In a real process pydicom's own warnings (here about a 'nan' position) stay off stderr."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    shutil.copytree(series_dirs["explicit"], tmp_path / "study" / "series")
+    files = sorted((tmp_path / "study" / "series").iterdir(), key=lambda p: -int(p.stem[2:]))
+    message, culprit = nan_position(files)
+    proc = subprocess.run([sys.executable, "-c", "from liverstage.runtime.cli import main; main()", "predict",
+                           str(tmp_path / "study"), "--model", str(tiny_model), "--report", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert message in line and culprit in line and not (tmp_path / "r.json").exists()

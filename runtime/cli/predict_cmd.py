@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         The stage of a volume is the argmax of its crops' mean probability. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then).
         """
         from ..backends import open_backend  # noqa: PLC0415
+        from ..dicom import quiet_pydicom_warnings  # noqa: PLC0415
         from ..roi import parse_bbox  # noqa: PLC0415
         from ..predict import Predictor, resolve_inputs  # noqa: PLC0415
         from ..report import file_sha256, print_table, write_crops_csv, write_png, write_report  # noqa: PLC0415
@@ -51,6 +52,7 @@ def register(app: typer.Typer) -> None:
                 import matplotlib  # noqa: F401, PLC0415
             except ImportError:
                 raise InputError("--png needs matplotlib: pip install 'liverstage[plot]'") from None
+        quiet_pydicom_warnings()
         paths = resolve_inputs(inputs)
 
         backend = open_backend(model, device=device, threads=threads, rebuild_engine=rebuild_engine)

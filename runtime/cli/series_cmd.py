@@ -27,7 +27,10 @@ def register(app: typer.Typer) -> None:
         The rules: MR; ImageType ORIGINAL\\PRIMARY; not a localizer or scout (image type or
         description); one consistent geometry; axial within 15 degrees; at least 8 slices.
         """
+        from ..dicom import quiet_pydicom_warnings  # noqa: PLC0415
         from ..dicom_study import scan_dicom  # noqa: PLC0415
+
+        quiet_pydicom_warnings()
 
         if not study.exists():
             raise InputError(f"study folder not found: {study}")

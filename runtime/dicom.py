@@ -125,7 +125,7 @@ def _series_files(source) -> list[Path]:
             raise InputError(f"not a folder: {folder}")
         from .dicom_study import dicom_headers  # noqa: PLC0415
 
-        files = [Path(ds.filename) for ds in dicom_headers(folder, recursive=False)]
+        files = [Path(ds.filename) for ds in dicom_headers(folder, recursive=False) if "Rows" in ds]
         if not files:
             raise InputError(f"{folder}: no DICOM images found")
         return files

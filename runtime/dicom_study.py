@@ -83,6 +83,11 @@ class Study:
     def __str__(self) -> str:
         return self.label
 
+    @property
+    def mask_stem(self) -> str:
+        """The name `--mask-dir` looks for: the folder's name, or the study UID if it holds several."""
+        return self.folder.name if self.label == str(self.folder) else self.study_instance_uid
+
 
 # --- finding series ------------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ rules, or `series=` / `--series`). The preprocessing comes only from the model's
 (`backend.metadata.preprocess`).
 
 Masks for several inputs (`mask_dir`), looked up in this order for an input named `case1.nii.gz`
-(stem `case1`; a DICOM folder's stem is its name):
+(stem `case1`; a DICOM study's stem is its folder's name, or its StudyInstanceUID when the folder
+holds several studies):
   1. `D/case1.nii.gz`             same file name (e.g. `TotalSegmentator ... -o D/case1.nii.gz --ml`)
   2. `D/case1/liver.nii.gz`       TotalSegmentator's one-file-per-structure output folder
   3. `D/case1*.nii[.gz]`          exactly one file starting with the stem (e.g. `case1_seg.nii.gz`)
@@ -120,7 +121,7 @@ def resolve_inputs(paths: Iterable) -> list:
 
 def find_mask(input_path, mask_dir: Path) -> Path:
     """The mask for `input_path` in `mask_dir` (rule in the module docstring); InputError if none or several."""
-    input_path = Path(getattr(input_path, "folder", input_path))  # a DICOM study: its folder's name
+    input_path = Path(getattr(input_path, "mask_stem", input_path))  # a DICOM study: dicom_study.Study.mask_stem
     stem = _stem(input_path)
     same = mask_dir / input_path.name
     if _is_nifti(input_path) and same.is_file():

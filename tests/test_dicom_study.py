@@ -199,15 +199,20 @@ def test_predict_series_option(run_cli, tiny_model, two_candidates, tmp_path):
 
 
 def test_each_study_is_one_input(tmp_path, small_cohort, dicom_series, tiny_model):
-    root = tmp_path / "export"
+    import shutil  # noqa: PLC0415
+
+    root, masks = tmp_path / "export", tmp_path / "masks"
+    masks.mkdir()
     for i, uid in ((2, "1.2.826.0.1.3680043.10.2"), (3, "1.2.826.0.1.3680043.10.3")):
-        dicom_series.volume_as_series(dicom_series.phantom_case(small_cohort, i)[2], root / f"p{i}", study_uid=uid)
+        _, mask, volume = dicom_series.phantom_case(small_cohort, i)
+        dicom_series.volume_as_series(volume, root / f"p{i}", study_uid=uid)
+        shutil.copy(mask, masks / f"{uid}.nii.gz")  # several studies in one folder: masks by study UID
     inputs = resolve_inputs([root])
     assert [type(s) for s in inputs] == [Study, Study]
     assert [str(s) for s in inputs] == [f"{root} [study 1.2.826.0.1.3680043.10.2]", f"{root} [study 1.2.826.0.1.3680043.10.3]"]
     from liverstage.runtime.backends import open_backend  # noqa: PLC0415
 
-    run = Predictor(open_backend(tiny_model, device="cpu")).run(inputs)
+    run = Predictor(open_backend(tiny_model, device="cpu"), mask_dir=masks).run(inputs)
     assert not run.errors and len(run.results) == 2
     for result, study_item in zip(run.results, inputs):
         assert result.series["study_instance_uid"] == study_item.study_instance_uid

@@ -77,6 +77,17 @@ def test_canonical_volume(tmp_path, mr_small):
     assert np.all(np.diag(vol.affine)[:3] > 0)
 
 
+def test_rescale_slope_and_intercept_are_applied(tmp_path, mr_small):
+    paths = write_copies(tmp_path / "s", mr_small, n=3)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope, ds.RescaleIntercept = "2.5", "-10"
+        ds.save_as(path)
+    data, _, _ = read_dicom_series(tmp_path / "s")
+    stored = pydicom.dcmread(mr_small).pixel_array.astype(np.float32).T
+    np.testing.assert_allclose(data[:, :, 1], (stored + 1000) * 2.5 - 10)
+
+
 def _nibabel_affine(ds):
     """nibabel's own DICOM wrapper affine (LPS, voxel order row, column, slice)."""
     with warnings.catch_warnings():

@@ -127,6 +127,7 @@ def _drop(attr):
     return change
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
 @pytest.mark.parametrize("change, expected", [
     (_set("Modality", "CT"), "modality CT, not MR"),
     (_set("ImageType", ["DERIVED", "PRIMARY", "MPR"]), "image type DERIVED\\PRIMARY\\MPR: not ORIGINAL\\PRIMARY"),

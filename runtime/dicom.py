@@ -1,31 +1,59 @@
-"""A folder holding one DICOM MR series -> Volume (pydicom; optional dependency).
+"""One DICOM series -> Volume (pydicom + highdicom; the optional `dicom` extra).
 
-Geometry (DICOM PS3.3 C.7.6.2, as nibabel's DICOM orientation notes explain it):
-- ImageOrientationPatient = (row cosine r, column cosine c): r points along increasing column
-  index, c along increasing row index. PixelSpacing = (spacing between rows, between columns).
-- Slices are sorted by their ImagePositionPatient projected on the slice normal n = r x c, and
-  must share orientation, pixel spacing and shape, and be evenly spaced.
-- Voxel (i = column, j = row, k = slice) sits at IPP_0 + i*dc*r + j*dr*c + k*step, in DICOM's LPS
-  patient coordinates; flipping the first two axes gives nibabel's RAS affine.
-The array [i, j, k] and that affine go through the same canonical (RAS) path as a NIfTI file;
-a `--bbox` for a series is given in this (column, row, slice in position order) grid.
+highdicom builds the volume (`get_volume_from_series` for classic single-frame instances,
+`Image.get_volume` for one enhanced or legacy converted enhanced multi-frame instance): it sorts
+the planes, stacks them and applies the rescale (modality) transform. Before that,
+`dicom_geometry.series_geometry` checks the headers and names the instance at fault (missing or
+non-finite geometry, mixed orientations, duplicate positions, gaps), and every instance's pixel
+data is checked (truncated, undecodable, no decoder installed) so a refusal names its file.
+
+The result is laid out as nibabel lays out DICOM: voxel (i = column, j = row, k = slice), slices
+in increasing position along the normal n = r x c, with DICOM's LPS affine turned into RAS; that
+array and affine go through `io.volume_from_array`, the one reorientation path, so a series and
+the same data stored as NIfTI give the same crops bit for bit. A `--bbox` for a series is given
+in this (column, row, slice) grid.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from .dicom_geometry import ORIENTATION_TOL, GAP_RTOL, PERPENDICULAR_TOL, label_of, normal_of, series_geometry
 from .errors import InputError
 
-# Tolerances: DICOM stores decimal strings of ~6 significant digits.
-_ORIENT_TOL = 1e-4
-_SPACING_TOL = 1e-3
-_GAP_REL_TOL = 0.01
+# Transfer syntaxes whose coding may be lossy (PS3.5 Table A-1); LossyImageCompression "01"
+# marks lossy data whatever the transfer syntax.
+LOSSY_TRANSFER_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.50",   # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",   # JPEG Extended
+    "1.2.840.10008.1.2.4.81",   # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91",   # JPEG 2000 (lossy or lossless)
+    "1.2.840.10008.1.2.4.93",   # JPEG 2000 Part 2 multi-component
+    "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy or lossless)
+    "1.2.840.10008.1.2.4.112",  # JPEG XL
+    "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG recompression
+    "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.100.1", "1.2.840.10008.1.2.4.101",
+    "1.2.840.10008.1.2.4.101.1", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.102.1",
+    "1.2.840.10008.1.2.4.103", "1.2.840.10008.1.2.4.103.1", "1.2.840.10008.1.2.4.104",
+    "1.2.840.10008.1.2.4.104.1", "1.2.840.10008.1.2.4.105", "1.2.840.10008.1.2.4.105.1",
+    "1.2.840.10008.1.2.4.106", "1.2.840.10008.1.2.4.106.1", "1.2.840.10008.1.2.4.107",
+    "1.2.840.10008.1.2.4.108",  # MPEG-2 / MPEG-4 / HEVC video
+})
+# JPEG, JPEG-LS, JPEG 2000 and HTJ2K codestreams all end with the marker FF D9 (EOI / EOC); their
+# decoders return an image from a codestream cut short without complaint, so this is checked here.
+_ENDS_WITH_EOI = ("1.2.840.10008.1.2.4.5", "1.2.840.10008.1.2.4.6", "1.2.840.10008.1.2.4.7",
+                  "1.2.840.10008.1.2.4.8", "1.2.840.10008.1.2.4.9", "1.2.840.10008.1.2.4.20")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# What the volume holds: stored values through the rescale slope/intercept only (what dcm2niix
+# writes), no windowing, no presentation or colour transforms.
+_PIXEL_TRANSFORMS = dict(apply_real_world_transform=False, apply_voi_transform=False,
+                         apply_presentation_lut=False, apply_palette_color_lut=False, apply_icc_profile=False)
 
 
-def _import_pydicom():
+def import_pydicom():
     try:
         import pydicom  # noqa: PLC0415
     except ImportError:
@@ -33,132 +61,190 @@ def _import_pydicom():
     return pydicom
 
 
-def dicom_files(folder: Path) -> list:
-    """Every readable DICOM image dataset in `folder` (not recursive); other files are ignored."""
-    pydicom = _import_pydicom()
-    datasets = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        try:
-            ds = pydicom.dcmread(path)
-        except Exception:  # noqa: BLE001  (not DICOM, or unreadable: not part of a series)
-            continue
-        if "PixelData" in ds:
-            ds.filename = str(path)
-            datasets.append(ds)
-    return datasets
+def quiet_pydicom_warnings() -> None:
+    """Keep pydicom's warnings about odd values off stderr (for the CLI, at start-up, one thread).
+
+    pydicom warns about every value that breaks the standard (a 'nan' position, a 66-character
+    UID) and about files that end early; the CLI promises one line on stderr, and the checks
+    here turn what matters for staging into that line or a report warning.
+    """
+    import warnings  # noqa: PLC0415
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
-def is_dicom_folder(folder: str | Path) -> bool:
-    """True if `folder` holds at least one DICOM image (cheap: headers only, stops at the first)."""
-    pydicom = _import_pydicom()
-    for path in sorted(Path(folder).iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001
-            continue
-        if "ImagePositionPatient" in ds or "Rows" in ds:
-            return True
-    return False
+def _import_highdicom():
+    try:
+        import highdicom  # noqa: PLC0415
+    except ImportError:
+        raise InputError("reading DICOM needs highdicom: pip install 'liverstage[dicom]'") from None
+    return highdicom
 
 
-def _floats(ds, key: str, n: int, folder: Path) -> np.ndarray:
-    value = ds.get(key)
-    if value is None or len(value) != n:
-        raise InputError(f"{folder}: DICOM file {Path(ds.filename).name} has no valid {key}")
-    return np.asarray([float(v) for v in value], dtype=np.float64)
+def transfer_syntax(ds) -> str:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return str(uid) if uid else "1.2.840.10008.1.2"  # no file meta: implicit VR little endian
 
 
-def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read one series: (data float32 [cols, rows, slices], RAS affine 4x4, warnings)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"not a folder: {folder}")
-    datasets = dicom_files(folder)
-    if not datasets:
-        raise InputError(f"{folder}: no DICOM images found")
-    series = sorted({str(ds.get("SeriesInstanceUID", "?")) for ds in datasets})
-    if len(series) > 1:
-        counts = [f"{uid} ({sum(str(d.get('SeriesInstanceUID', '?')) == uid for d in datasets)} files)" for uid in series]
-        raise InputError(f"{folder}: holds {len(series)} DICOM series, expected one: {'; '.join(counts)}")
-    frames = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
-    if frames:
-        raise InputError(f"{folder}: multi-frame (enhanced) DICOM is not supported: {Path(frames[0].filename).name}")
+def lossy_reason(headers: Sequence) -> str | None:
+    """Why the pixel values of these instances may differ from the acquired image; None if lossless."""
+    pydicom = import_pydicom()
+    for ds in headers:
+        if str(ds.get("LossyImageCompression", "")).strip() == "01":
+            return "LossyImageCompression is 01 (lossy compressed)"
+    for ds in headers:
+        uid = transfer_syntax(ds)
+        if uid in LOSSY_TRANSFER_SYNTAXES:
+            return f"transfer syntax {pydicom.uid.UID(uid).name} may be lossy"
+    return None
 
-    first = datasets[0]
-    orient = _floats(first, "ImageOrientationPatient", 6, folder)
-    spacing = _floats(first, "PixelSpacing", 2, folder)
-    shape = (int(first.Rows), int(first.Columns))
-    for ds in datasets[1:]:
-        name = Path(ds.filename).name
-        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, folder), orient, atol=_ORIENT_TOL):
-            raise InputError(f"{folder}: inconsistent slices: {name} has another ImageOrientationPatient than {Path(first.filename).name}")
-        if not np.allclose(_floats(ds, "PixelSpacing", 2, folder), spacing, atol=_SPACING_TOL):
-            raise InputError(f"{folder}: inconsistent slices: {name} has another PixelSpacing than {Path(first.filename).name}")
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise InputError(f"{folder}: inconsistent slices: {name} is {int(ds.Rows)}x{int(ds.Columns)}, "
-                             f"{Path(first.filename).name} is {shape[0]}x{shape[1]}")
 
-    row_cos, col_cos = orient[:3], orient[3:]
-    normal = np.cross(row_cos, col_cos)
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        raise InputError(f"{folder}: ImageOrientationPatient {orient.tolist()} is not two orthogonal unit vectors")
-    positions = np.stack([_floats(ds, "ImagePositionPatient", 3, folder) for ds in datasets])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    datasets = [datasets[i] for i in order]
-    positions, along = positions[order], along[order]
+def _read(path: Path):
+    pydicom = import_pydicom()
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001  (pydicom raises many kinds on a broken file)
+        raise InputError(f"cannot read DICOM file {path} ({_why(exc)})") from None
+    if "PixelData" not in ds:  # pydicom returns an empty dataset when the file ends inside its pixel data
+        raise InputError(f"{path} has no pixel data (truncated file?)")
+    ds.filename = str(path)
+    return ds
 
-    warnings: list[str] = []
-    if len(datasets) > 1:
-        gaps = np.diff(along)
-        names = [Path(ds.filename).name for ds in datasets]
-        dup = np.flatnonzero(gaps < 1e-3 * max(float(spacing.min()), 1e-3))
-        if dup.size:
-            i = int(dup[0])
-            raise InputError(f"{folder}: inconsistent slices: {names[i]} and {names[i + 1]} are at the same position")
-        median = float(np.median(gaps))
-        bad = np.flatnonzero(np.abs(gaps - median) > _GAP_REL_TOL * median + 1e-3)
-        if bad.size:
-            i = int(bad[0])
-            raise InputError(f"{folder}: inconsistent slices: uneven gap {gaps[i]:.3g} mm between {names[i]} and "
-                             f"{names[i + 1]} (others {median:.3g} mm); missing slice?")
-        step = (positions[-1] - positions[0]) / (len(datasets) - 1)
+
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:240]
+
+
+def _series_files(source) -> list[Path]:
+    """A folder (every DICOM file directly inside it) or a sequence of files."""
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise InputError(f"not a folder: {folder}")
+        from .dicom_study import dicom_headers  # noqa: PLC0415
+
+        files = [Path(ds.filename) for ds in dicom_headers(folder, recursive=False) if "Rows" in ds]
+        if not files:
+            raise InputError(f"{folder}: no DICOM images found")
+        return files
+    files = [Path(p) for p in source]
+    if not files:
+        raise InputError("no DICOM files given")
+    return files
+
+
+def _check_pixels(ds) -> None:
+    """Truncated or undecodable pixel data -> InputError naming the file (pixel_array stays cached)."""
+    pydicom = import_pydicom()
+    name = ds.filename
+    uid = pydicom.uid.UID(transfer_syntax(ds))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not uid.is_encapsulated:
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        expected = (int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1) * bits + 7) // 8
+        have = len(ds.PixelData)
+        if have < expected:
+            raise InputError(f"{name}: truncated pixel data ({have} of {expected} bytes)")
     else:
-        thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-        step = normal * thickness
-        warnings.append("single-slice DICOM series")
+        decoder = pydicom.pixels.get_decoder(uid)
+        if decoder is None or not decoder.is_available:
+            raise InputError(f"{name}: no decoder for {uid.name} is installed: pip install 'liverstage[dicom]'")
+        if str(uid).startswith(_ENDS_WITH_EOI):
+            _check_codestream_ends(ds, uid, frames)
+    try:
+        ds.pixel_array  # noqa: B018  (decodes once; pydicom caches the array for highdicom)
+    except Exception as exc:  # noqa: BLE001  (a corrupt stream fails in the codec, with its own types)
+        raise InputError(f"{name}: cannot decode the pixel data ({uid.name}; {_why(exc)})") from None
 
-    slices = []
+
+def _check_codestream_ends(ds, uid, frames: int) -> None:
+    pydicom = import_pydicom()
+    try:
+        codestreams = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception as exc:  # noqa: BLE001  (broken item tags or offsets)
+        raise InputError(f"{ds.filename}: cannot split the {uid.name} pixel data into frames ({_why(exc)})") from None
+    if len(codestreams) != frames:
+        raise InputError(f"{ds.filename}: {len(codestreams)} compressed frames in the pixel data, NumberOfFrames is {frames}")
+    for k, codestream in enumerate(codestreams):
+        if b"\xff\xd9" not in codestream[-4:]:  # encoders pad to even length with 00 or FF
+            raise InputError(f"{ds.filename}: frame {k + 1} of the {uid.name} pixel data is cut short "
+                             "(no end-of-image marker)")
+
+
+def _to_nibabel_grid(volume, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """highdicom's [slice, row, column] + LPS affine -> [column, row, slice] (along +normal) + RAS affine."""
+    data = np.asarray(volume.array).transpose(2, 1, 0)
+    lps = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
+    if float(lps[:3, 2] @ normal) < 0:
+        data = data[:, :, ::-1]
+        lps[:3, 3] += lps[:3, 2] * (data.shape[2] - 1)
+        lps[:3, 2] *= -1
+    return np.ascontiguousarray(data), _LPS_TO_RAS @ lps
+
+
+def read_dicom_series(source) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read one series: (data float32 [columns, rows, slices], RAS affine 4x4, warnings).
+
+    `source` is a folder holding exactly one series (not recursive) or the series' files.
+    """
+    datasets = [_read(p) for p in _series_files(source)]
+    uids = sorted({str(ds.get("SeriesInstanceUID", "?")) for ds in datasets})
+    if len(uids) > 1:
+        counts = "; ".join(f"{u} ({sum(str(d.get('SeriesInstanceUID', '?')) == u for d in datasets)} files)" for u in uids)
+        raise InputError(f"{_where(datasets)} holds {len(uids)} DICOM series, expected one: {counts}")
+    multi = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1
+             or "PerFrameFunctionalGroupsSequence" in ds]
+    if multi and len(datasets) > 1:
+        raise InputError(f"{_where(datasets)}: a series of {len(datasets)} instances with multi-frame ones among "
+                         f"them ({label_of(multi[0], 0)}); one enhanced instance per series is supported")
+    try:
+        geometry = series_geometry(datasets)
+    except InputError as exc:
+        raise InputError(f"{_where(datasets)}: {exc}") from None
     for ds in datasets:
-        try:
-            pixels = ds.pixel_array.astype(np.float32)
-        except Exception as exc:  # noqa: BLE001  (compressed without a decoder, truncated, ...)
-            raise InputError(f"{folder}: cannot decode pixels of {Path(ds.filename).name} ({exc})") from None
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        slices.append(pixels * slope + intercept)
-    # pixel_array is [rows, cols]; nibabel's order is [i = column, j = row, k = slice].
-    data = np.stack([s.T for s in slices], axis=2)
+        _check_pixels(ds)
 
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cos * spacing[1]
-    affine_lps[:3, 1] = col_cos * spacing[0]
-    affine_lps[:3, 2] = step
-    affine_lps[:3, 3] = positions[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    highdicom = _import_highdicom()
+    try:
+        if multi:
+            image = highdicom.Image.from_dataset(datasets[0], copy=False)
+            volume = image.get_volume(dtype=np.float32, rtol=GAP_RTOL, perpendicular_tol=PERPENDICULAR_TOL,
+                                      **_PIXEL_TRANSFORMS)
+        else:
+            volume = highdicom.get_volume_from_series(
+                datasets, dtype=np.float32, rtol=GAP_RTOL, perpendicular_tol=PERPENDICULAR_TOL,
+                orientation_tol=ORIENTATION_TOL, **_PIXEL_TRANSFORMS)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (highdicom raises ValueError/RuntimeError/AttributeError)
+        raise InputError(f"{_where(datasets)}: cannot build a volume from the series ({_why(exc)})") from None
+    if volume.number_of_channel_dimensions:
+        raise InputError(f"{_where(datasets)}: colour images; a greyscale MR series is needed")
+    data, affine = _to_nibabel_grid(volume, normal_of(geometry.frames[0].orientation))
+    warnings: list[str] = []
+    if data.shape[2] == 1:
+        warnings.append("single-slice DICOM series")
+    lossy = lossy_reason(datasets)
+    if lossy:
+        warnings.append(f"lossy compression: {lossy}; pixel values differ from the acquired image")
     return data, affine, warnings
 
 
-def load_dicom_series(folder: str | Path):
-    """Load a DICOM series folder as a canonical (RAS+) `Volume`, like `io.load_volume` a NIfTI file.
+def _where(datasets: Sequence) -> str:
+    folders = sorted({str(Path(ds.filename).parent) for ds in datasets})
+    return folders[0] if len(folders) == 1 else f"{folders[0]} (and {len(folders) - 1} more folders)"
 
-    The reorientation is the same pure transpose/flip (nibabel's closest canonical), so a series
-    and the same data saved as NIfTI give the same crops.
+
+def load_dicom_series(source, *, name: str | None = None):
+    """Load one series (a folder or its files) as a canonical (RAS+) `Volume`.
+
+    `name` is how the volume is named in messages (default: "DICOM series <folder>").
     """
     from .io import volume_from_array  # noqa: PLC0415
 
-    folder = Path(folder)
-    data, affine, warnings = read_dicom_series(folder)
-    return volume_from_array(data, affine, source=f"DICOM series {folder}", warnings=warnings)
+    files = _series_files(source)
+    data, affine, warnings = read_dicom_series(files)
+    label = name or f"DICOM series {source if isinstance(source, (str, Path)) else files[0].parent}"
+    return volume_from_array(data, affine, source=label, warnings=warnings)

@@ -190,11 +190,14 @@ def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def load_mask(path: str | Path, *, like: Volume, label: int | None = None) -> np.ndarray:
-    """Load a label mask matching `like` (same shape and affine) -> bool array, canonical.
+    """Load a label mask on the voxel grid of `like` -> bool array, canonical.
 
+    The grids are compared in world space: the mask is reoriented to closest canonical on its
+    own affine, so a mask stored in another axis order or flip than the volume (TotalSegmentator
+    on a dcm2niix conversion of a DICOM series) applies, while a mask on any other grid (other
+    shape, spacing, position or orientation) is refused: it would crop the wrong anatomy.
     label None means any non-zero voxel; otherwise voxels equal to `label` (float masks are
-    rounded first). A mismatch in shape or affine, or no voxel of the label, is an InputError:
-    a mask drawn on another series would silently crop the wrong anatomy.
+    rounded first). No voxel of the label is an InputError too.
     """
     p = Path(path)
     if label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))):
@@ -205,11 +208,17 @@ def load_mask(path: str | Path, *, like: Volume, label: int | None = None) -> np
         shape3, index = shape[:3], (Ellipsis,) + (0,) * (len(shape) - 3)
     else:
         shape3, index = shape, ()
-    if tuple(shape3) != tuple(like.original_shape):
-        raise InputError(f"mask {p} has shape {shape} but the volume {like.source} has shape {like.original_shape}")
+    if len(shape3) != 3:
+        raise InputError(f"mask {p} has shape {shape}; a 3D mask is needed")
     affine = _check_affine(img.affine, p, what="mask")
-    if not affines_match(affine, like.original_affine):
-        raise InputError(f"mask {p} has a different affine (position/orientation) from the volume {like.source}")
+    ornt = orientations.io_orientation(affine)
+    canonical_shape = tuple(int(shape3[int(axis)]) for axis in np.argsort(ornt[:, 0]))
+    if canonical_shape != like.shape:
+        raise InputError(f"mask {p} has shape {shape} but the volume {like.source} has shape {like.original_shape} "
+                         f"(compared after reorienting both to RAS: {canonical_shape} vs {like.shape})")
+    if not affines_match(affine @ orientations.inv_ornt_aff(ornt, shape3), like.affine):
+        raise InputError(f"mask {p} has a different affine (position/orientation) from the volume {like.source}, "
+                         "even after reorienting both to RAS: it is on another voxel grid")
     arr = _read_array(img, p, what="mask", index=index).reshape(shape3)
     if arr.dtype.kind == "f":
         arr = np.where(np.isfinite(arr), np.rint(arr), 0)
@@ -217,4 +226,4 @@ def load_mask(path: str | Path, *, like: Volume, label: int | None = None) -> np
     if not region.any():
         which = "non-zero voxel" if label is None else f"voxel with label {label}"
         raise InputError(f"mask {p} has no {which}")
-    return _canonical(region, like.ornt)
+    return _canonical(region, ornt)

@@ -1,11 +1,14 @@
 """Stage volumes with an exported model: inputs -> crops -> backend -> one stage per volume.
 
-Inputs: `.nii`/`.nii.gz` files, folders of them (not recursive), or a folder holding one DICOM
-series (used when the folder has no NIfTI file). The preprocessing comes only from the model's
-metadata (`backend.metadata.preprocess`).
+Inputs: `.nii`/`.nii.gz` files, folders of them (not recursive), or DICOM study folders: a
+folder with no NIfTI file is scanned recursively for DICOM (`dicom_study.find_studies`), each
+study found is one input, and its series to stage is chosen by `dicom_study.select_series` (the
+rules, or `series=` / `--series`). The preprocessing comes only from the model's metadata
+(`backend.metadata.preprocess`).
 
 Masks for several inputs (`mask_dir`), looked up in this order for an input named `case1.nii.gz`
-(stem `case1`; a DICOM folder's stem is its name):
+(stem `case1`; a DICOM study's stem is its folder's name, or its StudyInstanceUID when the folder
+holds several studies):
   1. `D/case1.nii.gz`             same file name (e.g. `TotalSegmentator ... -o D/case1.nii.gz --ml`)
   2. `D/case1/liver.nii.gz`       TotalSegmentator's one-file-per-structure output folder
   3. `D/case1*.nii[.gz]`          exactly one file starting with the stem (e.g. `case1_seg.nii.gz`)
@@ -56,6 +59,8 @@ class VolumeResult:
     timing: dict[str, float]    # load, preprocess, inference, total (s)
     warnings: list[str]
     preview: Preview | None = None
+    dicom_files: tuple[Path, ...] = ()   # the staged series' instance files in slice order (DICOM only)
+    series: dict | None = None           # the staged series (dicom_study.series_record); None for NIfTI
 
 
 @dataclasses.dataclass
@@ -74,6 +79,8 @@ class _Prepared:
     timing: dict[str, float]
     warnings: list[str]
     preview: Preview | None
+    dicom_files: tuple[Path, ...] = ()
+    series: dict | None = None
 
 
 def _is_nifti(path: Path) -> bool:
@@ -88,14 +95,23 @@ def _stem(path: Path) -> str:
     return name
 
 
-def resolve_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders of NIfTI files; a folder without any stays one input (a DICOM series)."""
-    out: list[Path] = []
+def resolve_inputs(paths: Iterable) -> list:
+    """Expand folders: their NIfTI files, else the DICOM studies found under them (`Study` items).
+
+    A folder with neither stays one input, refused when it is loaded. Study items pass through,
+    so resolving twice is harmless.
+    """
+    from .dicom_study import Study, find_studies  # noqa: PLC0415
+
+    out: list = []
     for raw in paths:
+        if isinstance(raw, Study):
+            out.append(raw)
+            continue
         path = Path(raw)
         if path.is_dir():
             niftis = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p) and not p.name.startswith("."))
-            out.extend(niftis if niftis else [path])
+            out.extend(niftis or find_studies(path) or [path])
         else:
             out.append(path)
     if not out:
@@ -103,8 +119,9 @@ def resolve_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def find_mask(input_path: Path, mask_dir: Path) -> Path:
+def find_mask(input_path, mask_dir: Path) -> Path:
     """The mask for `input_path` in `mask_dir` (rule in the module docstring); InputError if none or several."""
+    input_path = Path(getattr(input_path, "mask_stem", input_path))  # a DICOM study: dicom_study.Study.mask_stem
     stem = _stem(input_path)
     same = mask_dir / input_path.name
     if _is_nifti(input_path) and same.is_file():
@@ -121,15 +138,16 @@ def find_mask(input_path: Path, mask_dir: Path) -> Path:
     raise InputError(f"several masks for {input_path.name} in {mask_dir}: {', '.join(p.name for p in hits)}")
 
 
-def load_input(path: Path):
-    """A NIfTI file or a DICOM series folder -> Volume."""
-    if path.is_dir():
-        from .dicom import is_dicom_folder, load_dicom_series  # noqa: PLC0415  (pydicom is optional)
+def load_input(item, *, series: str | None = None):
+    """A NIfTI file or a DICOM study -> (Volume, staged instance files, series record or None)."""
+    from .dicom_study import Study, chosen_because, load_series, select_series, series_record  # noqa: PLC0415
 
-        if not is_dicom_folder(path):
-            raise InputError(f"folder {path} holds neither NIfTI files nor a DICOM series")
-        return load_dicom_series(path)
-    return load_volume(path)
+    if isinstance(item, Study):
+        info = select_series(list(item.series), choice=series)
+        return load_series(info), info.files, series_record(info, chosen_because(item.series, info, series))
+    if Path(item).is_dir():
+        raise InputError(f"folder {item} holds neither NIfTI files nor DICOM images")
+    return load_volume(item), (), None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -144,7 +162,8 @@ class Predictor:
 
     def __init__(self, backend, *, mask: str | Path | None = None, mask_dir: str | Path | None = None,
                  mask_label: int | None = None, bbox: tuple[int, ...] | None = None, roi: str | None = None,
-                 batch_size: int = 32, keep_preview: bool = False, model_info: dict | None = None) -> None:
+                 batch_size: int = 32, keep_preview: bool = False, model_info: dict | None = None,
+                 series: str | None = None) -> None:
         if mask is not None and mask_dir is not None:
             raise InputError("--mask and --mask-dir are alternatives; give one of them")
         if sum(x is not None for x in (mask or mask_dir, bbox, roi)) > 1:
@@ -159,6 +178,9 @@ class Predictor:
             raise InputError(f"--batch-size must be a positive integer, got {batch_size!r}")
         if mask_dir is not None and not Path(mask_dir).is_dir():
             raise InputError(f"--mask-dir is not a folder: {mask_dir}")
+        if series is not None and (not isinstance(series, str) or not series.strip()):
+            raise InputError(f"--series must be a SeriesInstanceUID, a series number or a description pattern, got {series!r}")
+        self.series = series
         self.backend = backend
         self.spec = backend.metadata.preprocess
         self.mask = Path(mask) if mask is not None else None
@@ -172,11 +194,11 @@ class Predictor:
                                          "backend": backend.name, "precision": backend.precision}
 
     # -- stage 1 (background thread): load + crop ---------------------------------------------
-    def prepare(self, path: Path) -> _Prepared:
+    def prepare(self, path) -> _Prepared:
         from .crops import crops_for_volume  # noqa: PLC0415
 
         t0 = time.perf_counter()
-        volume = load_input(path)
+        volume, dicom_files, series = load_input(path, series=self.series)
         t1 = time.perf_counter()
         warnings = list(volume.warnings)
         kwargs: dict = {}
@@ -207,7 +229,7 @@ class Predictor:
                 warnings.append(w)
         return _Prepared(input=str(path), images=crops.images, slices=np.asarray(crops.slices),
                          boxes=np.asarray(crops.boxes), timing={"load": t1 - t0, "preprocess": t2 - t1},
-                         warnings=warnings, preview=preview)
+                         warnings=warnings, preview=preview, dicom_files=tuple(dicom_files), series=series)
 
     # -- stage 2 (caller's thread): inference + aggregation -------------------------------------
     def infer(self, prepared: _Prepared) -> VolumeResult:
@@ -235,7 +257,7 @@ class Predictor:
         timing["total"] = timing["load"] + timing["preprocess"] + timing["inference"]
         return VolumeResult(input=prepared.input, verdict=verdict, slices=prepared.slices, boxes=prepared.boxes,
                             probs=probs_arr, cosine=cos_arr, timing=timing, warnings=warnings,
-                            preview=prepared.preview)
+                            preview=prepared.preview, dicom_files=prepared.dicom_files, series=prepared.series)
 
     def run(self, inputs: Iterable[str | Path], *,
             on_result: Callable[[VolumeResult | None, str, str | None], None] | None = None) -> PredictRun:
@@ -247,6 +269,8 @@ class Predictor:
         paths = resolve_inputs(inputs)
         if self.mask is not None and len(paths) > 1:
             raise InputError(f"--mask applies to one input but {len(paths)} were given; use --mask-dir")
+        if self.series is not None and all(isinstance(p, Path) for p in paths):
+            raise InputError("--series applies to DICOM study folders; none of the inputs is one")
         results: list[VolumeResult] = []
         errors: list[tuple[str, str]] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverstage-prefetch") as pool:

@@ -5,7 +5,8 @@ Report schema (issue 6; every file is written atomically):
      "model": {"path", "sha256", "backend", "precision"},
      "results": [{"input", "stage", "stage_name", "probabilities": {"A", "B", "C"}, "uncertain",
                   "crops": [{"slice", "bbox", "probabilities", "max_cosine"}],
-                  "timing_s": {"load", "preprocess", "inference", "total"}, "warnings": [...]}],
+                  "timing_s": {"load", "preprocess", "inference", "total"}, "warnings": [...],
+                  "series": {...} (DICOM inputs only: the staged series, `dicom_study.series_record`)}],
      "errors": [{"input", "error"}]}
 `slice` is the crop's axial index and `bbox` its square box [x0, y0, x1, y1] (half-open), both
 in the volume's closest-canonical (RAS) voxel grid, which is what the crops were cut from.
@@ -45,7 +46,7 @@ def result_to_dict(result: "VolumeResult") -> dict[str, Any]:
         }
         for i in range(len(result.slices))
     ]
-    return {
+    out = {
         "input": result.input,
         "stage": verdict.stage,
         "stage_name": STAGE_NAMES[verdict.stage],
@@ -55,6 +56,9 @@ def result_to_dict(result: "VolumeResult") -> dict[str, Any]:
         "timing_s": {k: _r(v, 4) for k, v in result.timing.items()},
         "warnings": list(result.warnings),
     }
+    if result.series is not None:
+        out["series"] = dict(result.series)
+    return out
 
 
 def build_report(run: "PredictRun") -> dict[str, Any]:

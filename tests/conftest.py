@@ -42,25 +42,37 @@ def run_cli(capsys):
 
 
 # --- runtime (predict/bench) tests: a tiny liverstage-shaped ONNX model built without torch ------
-def _load_tiny_onnx_module():
-    """tests/_tiny_onnx.py by path (pytest runs with --import-mode=importlib: tests/ is not on sys.path)."""
+def _load_helper(filename: str):
+    """A tests/_*.py helper by path (pytest runs with --import-mode=importlib: tests/ is not on sys.path)."""
     import importlib.util  # noqa: PLC0415
     import sys  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    name = "liverstage_tests_tiny_onnx"
+    name = "liverstage_tests" + Path(filename).stem
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_tiny_onnx.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
+def _load_tiny_onnx_module():
+    return _load_helper("_tiny_onnx.py")
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx():
     """The tests/_tiny_onnx.py module: build_tiny_onnx(path, crop_size=...), tiny_metadata(...)."""
     return _load_tiny_onnx_module()
+
+
+@pytest.fixture(scope="session")
+def dicom_series():
+    """The tests/_dicom_series.py module: write_series, volume_as_series, legacy_enhanced, testdata."""
+    pytest.importorskip("pydicom", reason="the DICOM tests need the dicom extra")
+    pytest.importorskip("highdicom", reason="the DICOM tests need the dicom extra")
+    return _load_helper("_dicom_series.py")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""`liverstage predict`: stage NIfTI volumes or a DICOM series with an exported model (no torch)."""
+"""`liverstage predict`: stage NIfTI volumes or DICOM studies with an exported model (no torch)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ DEVICES = ("auto", "cpu", "cuda")
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
-        inputs: List[Path] = typer.Argument(..., help="NIfTI files (.nii/.nii.gz), folders of them, or a folder holding one DICOM series."),
+        inputs: List[Path] = typer.Argument(..., help="NIfTI files (.nii/.nii.gz), folders of them, or DICOM study folders (searched recursively; each study is one input)."),
         model: Path = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ONNX Runtime) or .engine (TensorRT, with its .engine.json)."),
         mask: Optional[Path] = typer.Option(None, "--mask", help="Liver mask for a single input (same grid as the volume)."),
         mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Folder of masks paired by file name: D/<name>, D/<stem>/liver.nii.gz, or one D/<stem>*.nii.gz."),
         mask_label: Optional[int] = typer.Option(None, "--mask-label", help="Label value of the liver in a multi-label mask (TotalSegmentator total_mr: 5). Default: any non-zero voxel."),
         bbox: Optional[str] = typer.Option(None, "--bbox", help="Liver box x0,y0,z0,x1,y1,z1 in the file's voxel coordinates (half-open); for a DICOM series: column, row, slice (slices in position order)."),
+        series: Optional[str] = typer.Option(None, "--series", help="DICOM: the series to stage, by SeriesInstanceUID, series number or a description pattern (regular expression, case-insensitive). Default: the one series that passes the rules (see `liverstage series`)."),
         roi: Optional[str] = typer.Option(None, "--roi", help="'auto': rough liver region heuristic, no mask needed (the default when no mask or box is given)."),
         report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here (atomically)."),
         csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write one row per crop here."),
@@ -36,6 +37,7 @@ def register(app: typer.Typer) -> None:
         The stage of a volume is the argmax of its crops' mean probability. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then).
         """
         from ..backends import open_backend  # noqa: PLC0415
+        from ..dicom import quiet_pydicom_warnings  # noqa: PLC0415
         from ..roi import parse_bbox  # noqa: PLC0415
         from ..predict import Predictor, resolve_inputs  # noqa: PLC0415
         from ..report import file_sha256, print_table, write_crops_csv, write_png, write_report  # noqa: PLC0415
@@ -50,13 +52,15 @@ def register(app: typer.Typer) -> None:
                 import matplotlib  # noqa: F401, PLC0415
             except ImportError:
                 raise InputError("--png needs matplotlib: pip install 'liverstage[plot]'") from None
+        quiet_pydicom_warnings()
         paths = resolve_inputs(inputs)
 
         backend = open_backend(model, device=device, threads=threads, rebuild_engine=rebuild_engine)
         model_info = {"path": str(model.resolve()), "sha256": file_sha256(model),
                       "backend": backend.name, "precision": backend.precision}
         predictor = Predictor(backend, mask=mask, mask_dir=mask_dir, mask_label=mask_label, bbox=box, roi=roi,
-                              batch_size=batch_size, keep_preview=png is not None, model_info=model_info)
+                              batch_size=batch_size, keep_preview=png is not None, model_info=model_info,
+                              series=series)
         run = predictor.run(paths)
 
         if len(paths) == 1 and run.errors:

@@ -162,3 +162,25 @@ def load_dicom_series(folder: str | Path):
     folder = Path(folder)
     data, affine, warnings = read_dicom_series(folder)
     return volume_from_array(data, affine, source=f"DICOM series {folder}", warnings=warnings)
+
+
+def series_files(folder: str | Path) -> tuple[Path, ...]:
+    """The image files `read_dicom_series` stacks from `folder`, in its slice order (headers only).
+
+    DICOM results (runtime/dicom_out.py) cite these instances as their evidence.
+    """
+    pydicom = _import_pydicom()
+    headers = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001  (not DICOM: not part of the series)
+            continue
+        if "Rows" in ds and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+            headers.append((path, ds))
+    if not headers:
+        return ()
+    orient = _floats(headers[0][1], "ImageOrientationPatient", 6, Path(folder))
+    normal = np.cross(orient[:3], orient[3:])
+    along = [float(_floats(ds, "ImagePositionPatient", 3, Path(folder)) @ normal) for _, ds in headers]
+    return tuple(headers[i][0] for i in np.argsort(along, kind="stable"))

@@ -56,6 +56,7 @@ class VolumeResult:
     timing: dict[str, float]    # load, preprocess, inference, total (s)
     warnings: list[str]
     preview: Preview | None = None
+    dicom_files: tuple[Path, ...] = ()   # a DICOM input's instance files in slice order; () for NIfTI
 
 
 @dataclasses.dataclass
@@ -74,6 +75,7 @@ class _Prepared:
     timing: dict[str, float]
     warnings: list[str]
     preview: Preview | None
+    dicom_files: tuple[Path, ...] = ()
 
 
 def _is_nifti(path: Path) -> bool:
@@ -174,9 +176,11 @@ class Predictor:
     # -- stage 1 (background thread): load + crop ---------------------------------------------
     def prepare(self, path: Path) -> _Prepared:
         from .crops import crops_for_volume  # noqa: PLC0415
+        from .dicom import series_files  # noqa: PLC0415
 
         t0 = time.perf_counter()
         volume = load_input(path)
+        dicom_files = series_files(path) if path.is_dir() else ()
         t1 = time.perf_counter()
         warnings = list(volume.warnings)
         kwargs: dict = {}
@@ -207,7 +211,7 @@ class Predictor:
                 warnings.append(w)
         return _Prepared(input=str(path), images=crops.images, slices=np.asarray(crops.slices),
                          boxes=np.asarray(crops.boxes), timing={"load": t1 - t0, "preprocess": t2 - t1},
-                         warnings=warnings, preview=preview)
+                         warnings=warnings, preview=preview, dicom_files=dicom_files)
 
     # -- stage 2 (caller's thread): inference + aggregation -------------------------------------
     def infer(self, prepared: _Prepared) -> VolumeResult:
@@ -235,7 +239,7 @@ class Predictor:
         timing["total"] = timing["load"] + timing["preprocess"] + timing["inference"]
         return VolumeResult(input=prepared.input, verdict=verdict, slices=prepared.slices, boxes=prepared.boxes,
                             probs=probs_arr, cosine=cos_arr, timing=timing, warnings=warnings,
-                            preview=prepared.preview)
+                            preview=prepared.preview, dicom_files=prepared.dicom_files)
 
     def run(self, inputs: Iterable[str | Path], *,
             on_result: Callable[[VolumeResult | None, str, str | None], None] | None = None) -> PredictRun:

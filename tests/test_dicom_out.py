@@ -287,3 +287,28 @@ def test_anonymised_source_without_patient_attributes(tmp_path, staged):
         if shutil.which("dciodvfy"):
             errors, lines = _dciodvfy_errors(path)
             assert errors == [], "\n".join(lines)
+
+
+def test_cli_failure_while_building_writes_nothing(tmp_path, staged, monkeypatch, run_cli):
+    def broken(*args, **kwargs):
+        raise InputError("cannot build the secondary capture")
+
+    monkeypatch.setattr(dicom_out, "_build_sc", broken)
+    out, report, png = tmp_path / "out", tmp_path / "r.json", tmp_path / "s.png"
+    code, _, err = run_cli(["predict", staged["series"], "--model", staged["model"], "--roi", "auto",
+                            "--dicom-out", out, "--report", report, "--png", png, "--quiet"])
+    assert code == 2 and "cannot build the secondary capture" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_several_inputs_one_bad(tmp_path, staged, run_cli):
+    """The staged series gets its results; the bad one is an error entry (exit 1), as for the report."""
+    (tmp_path / "empty").mkdir()
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    code, _, _ = run_cli(["predict", staged["series"], tmp_path / "empty", "--model", staged["model"],
+                          "--roi", "auto", "--dicom-out", out, "--report", report, "--quiet"])
+    data = json.loads(report.read_text())
+    assert code == 1 and len(data["results"]) == 1 and len(data["errors"]) == 1
+    folder = out / str(staged["sources"][0].SeriesInstanceUID)
+    assert [p.name for p in out.iterdir()] == [folder.name]
+    assert sorted(p.name[:3] for p in folder.iterdir()) == ["SC_", "SR_"]

@@ -112,51 +112,66 @@ def print_table(run: "PredictRun", console=None) -> None:
         console.print(f"[red]error[/red] {inp}: {err}", highlight=False, markup=True, soft_wrap=True)
 
 
-def write_png(path: str | Path, run: "PredictRun") -> None:
-    """One row per volume: the mid crop's slice with its ROI box, and each crop's stage per slice."""
+def _import_matplotlib():
     try:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+        from matplotlib.figure import Figure  # noqa: PLC0415
         from matplotlib.patches import Rectangle  # noqa: PLC0415
     except ImportError:
-        raise InputError("--png needs matplotlib: pip install 'liverstage[plot]'") from None
+        raise InputError("drawing the summary picture needs matplotlib: pip install 'liverstage[plot]'") from None
+    return Figure, FigureCanvasAgg, Rectangle
+
+
+def summary_picture_rgb(r: "VolumeResult") -> np.ndarray:
+    """The volume's summary picture as uint8 [H, W, 3]: the mid crop's slice with its ROI box, and
+    each crop's stage per slice.
+
+    One drawing for `--png` and the DICOM secondary capture, so both show the same picture. It uses
+    matplotlib's object API (no pyplot state), so it is safe to call from several threads.
+    """
+    Figure, FigureCanvasAgg, Rectangle = _import_matplotlib()
+    if r.preview is None:
+        raise InputError(f"{r.input}: no preview slice was kept, so there is nothing to draw (Predictor(keep_preview=True))")
+    fig = Figure(figsize=(10, 4.2), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax_img, ax_plot = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
+    colours = {"A": "tab:green", "B": "tab:orange", "C": "tab:red"}
+    pv = r.preview
+    # Canonical RAS [x, y]: transpose so y runs up the page and x across it.
+    ax_img.imshow(pv.image.T, cmap="gray", origin="lower", interpolation="nearest")
+    x0, y0, x1, y1 = pv.box
+    ax_img.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                               edgecolor=colours[r.verdict.stage], linewidth=1.5))
+    ax_img.invert_xaxis()  # radiological view: the patient's right on the left, anterior up
+    ax_img.set_title(f"{Path(r.input).name}\naxial slice {pv.slice}, crop box (radiological view)", fontsize=9)
+    ax_img.set_xticks([])
+    ax_img.set_yticks([])
+    order = np.argsort(r.slices)
+    for k, s in enumerate(STAGES):
+        ax_plot.plot(r.slices[order], r.probs[order, k], "-o", ms=3, color=colours[s], label=f"P({s})")
+    predicted = np.argmax(r.probs[order], axis=1)
+    ax_plot.scatter(r.slices[order], np.full(len(order), 1.06), c=[colours[STAGES[p]] for p in predicted],
+                    marker="s", s=18, clip_on=False)
+    v = r.verdict
+    note = " - UNCERTAIN" if v.uncertain else ""
+    ax_plot.set_title(f"stage {v.stage} ({STAGE_NAMES[v.stage]}), mean P = {v.probability:.2f}{note}\n"
+                      "squares: each crop's stage", fontsize=9)
+    ax_plot.set_xlabel("axial slice")
+    ax_plot.set_ylabel("probability")
+    ax_plot.set_ylim(0, 1.1)
+    ax_plot.legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    canvas.draw()
+    return np.array(canvas.buffer_rgba(), dtype=np.uint8)[:, :, :3]
+
+
+def write_png(path: str | Path, run: "PredictRun") -> None:
+    """One row per volume: each volume's `summary_picture_rgb`, stacked top to bottom."""
+    from PIL import Image  # noqa: PLC0415
+
     results = [r for r in run.results if r.preview is not None]
     if not results:
         raise InputError("--png: no volume was staged, nothing to draw")
-    fig, axes = plt.subplots(len(results), 2, figsize=(10, 4.2 * len(results)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1.4]})
-    colours = {"A": "tab:green", "B": "tab:orange", "C": "tab:red"}
-    try:
-        for row, r in zip(axes, results):
-            ax_img, ax_plot = row
-            pv = r.preview
-            # Canonical RAS [x, y]: transpose so y runs up the page and x across it.
-            ax_img.imshow(pv.image.T, cmap="gray", origin="lower", interpolation="nearest")
-            x0, y0, x1, y1 = pv.box
-            ax_img.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
-                                       edgecolor=colours[r.verdict.stage], linewidth=1.5))
-            ax_img.invert_xaxis()  # radiological view: the patient's right on the left, anterior up
-            ax_img.set_title(f"{Path(r.input).name}\naxial slice {pv.slice}, crop box (radiological view)", fontsize=9)
-            ax_img.set_xticks([])
-            ax_img.set_yticks([])
-            order = np.argsort(r.slices)
-            for k, s in enumerate(STAGES):
-                ax_plot.plot(r.slices[order], r.probs[order, k], "-o", ms=3, color=colours[s], label=f"P({s})")
-            predicted = np.argmax(r.probs[order], axis=1)
-            ax_plot.scatter(r.slices[order], np.full(len(order), 1.06), c=[colours[STAGES[p]] for p in predicted],
-                            marker="s", s=18, clip_on=False)
-            v = r.verdict
-            note = " - UNCERTAIN" if v.uncertain else ""
-            ax_plot.set_title(f"stage {v.stage} ({STAGE_NAMES[v.stage]}), mean P = {v.probability:.2f}{note}\n"
-                              "squares: each crop's stage", fontsize=9)
-            ax_plot.set_xlabel("axial slice")
-            ax_plot.set_ylabel("probability")
-            ax_plot.set_ylim(0, 1.1)
-            ax_plot.legend(fontsize=8, loc="center right")
-        fig.tight_layout()
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    picture = np.concatenate([summary_picture_rgb(r) for r in results], axis=0)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")

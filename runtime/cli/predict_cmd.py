@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here (atomically)."),
         csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write one row per crop here."),
         png: Optional[Path] = typer.Option(None, "--png", help="Draw the ROI on the mid slice and each crop's stage per slice (needs matplotlib)."),
+        dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="DICOM inputs only: write a Comprehensive 3D SR (TID 1500) and an RGB secondary capture per staged series into DIR/<source SeriesInstanceUID>/, as new series of the source study (needs the dicom and plot extras)."),
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per model call."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda. auto takes the fastest present."),
         rebuild_engine: bool = typer.Option(False, "--rebuild-engine", help="A TensorRT engine built for another GPU or TensorRT version is rebuilt from its ONNX model instead of refused."),
@@ -41,6 +42,7 @@ def register(app: typer.Typer) -> None:
         from ..roi import parse_bbox  # noqa: PLC0415
         from ..predict import Predictor, resolve_inputs  # noqa: PLC0415
         from ..report import file_sha256, print_table, write_crops_csv, write_png, write_report  # noqa: PLC0415
+        from ..dicom_out import build_for_run, check_dicom_out  # noqa: PLC0415
 
         if device not in DEVICES:
             raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -54,24 +56,29 @@ def register(app: typer.Typer) -> None:
                 raise InputError("--png needs matplotlib: pip install 'liverstage[plot]'") from None
         quiet_pydicom_warnings()
         paths = resolve_inputs(inputs)
+        if dicom_out is not None:
+            check_dicom_out(dicom_out, paths)
 
         backend = open_backend(model, device=device, threads=threads, rebuild_engine=rebuild_engine)
         model_info = {"path": str(model.resolve()), "sha256": file_sha256(model),
                       "backend": backend.name, "precision": backend.precision}
         predictor = Predictor(backend, mask=mask, mask_dir=mask_dir, mask_label=mask_label, bbox=box, roi=roi,
-                              batch_size=batch_size, keep_preview=png is not None, model_info=model_info,
-                              series=series)
+                              batch_size=batch_size, keep_preview=png is not None or dicom_out is not None,
+                              model_info=model_info, series=series)
         run = predictor.run(paths)
 
         if len(paths) == 1 and run.errors:
             source, message = run.errors[0]
             raise InputError(message if source in message else f"{source}: {message}")
+        dicom_results = build_for_run(run) if dicom_out is not None else []
         if report is not None:
             write_report(report, run)
         if csv_path is not None:
             write_crops_csv(csv_path, run)
         if png is not None and run.results:
             write_png(png, run)
+        for built in dicom_results:
+            built.write(dicom_out / built.source_series_uid)
         if not quiet:
             print_table(run)
         if run.errors:

@@ -1,11 +1,16 @@
-"""Issue 6 runtime targets, each printed as a ratio against a reference measured in the same run.
+"""Runtime targets, each printed as a ratio against a reference measured in the same run.
 
-    python benchmarks/bench_runtime.py [--threads N] [--iters 10] [--warmup 3] [--out DIR] [--json F]
+    python benchmarks/bench_runtime.py [--threads N] [--iters 10] [--warmup 3] [--out DIR] [--json F] [--parts 1,2,3,4,5]
 
 1. ONNX Runtime fp32 vs PyTorch eager fp32, ResNet18 at 224 px, batch 16   target >= 1.9x
 2. ONNX Runtime int8 (static QDQ) vs PyTorch eager fp32, same               target >= 5x
-3. predict end to end on a 40-slice phantom vs model-only time of its crops target <= 1.25x
+3. predict end to end on a 40-slice phantom vs model-only time of its crops target <= 1.25x (ONNX
+   Runtime fp32); with OpenVINO also for the fastest backend, OpenVINO int8  target <= 1.35x
 4. peak memory (ru_maxrss of a child `liverstage predict`) on 512x512x200   target <= 2 GB
+5. OpenVINO (needs the openvino extra), same model and batch:
+   openvino-bf16 vs ONNX Runtime fp32                                       target >= 1.8x
+   openvino-int8 vs ONNX Runtime int8                                       target >= 1.1x
+   each openvino row vs plain OpenVINO on the same file (openvino_plain.py) target >= 0.95x
 
 Needs the `train` extra (torch, to build the checkpoint, export it and time the reference).
 The model has random weights (speed and memory do not depend on what it learned); volumes are
@@ -118,7 +123,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="keep models and phantoms here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
-    parser.add_argument("--parts", default="1,2,3,4", help="which figures to measure (1,2 share one run)")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="which figures to measure (1,2 share one run)")
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",")}
 
@@ -132,6 +137,8 @@ def main() -> None:
         speed(figures, args, ckpt, fp32, int8)
     if "3" in parts:
         end_to_end_figure(figures, args, folder, fp32)
+    if "5" in parts:
+        openvino_figure(figures, args, fp32, int8)
     if "4" in parts:
         print("\n[4] peak memory of `liverstage predict` on a 512x512x200 phantom (not a patient)", flush=True)
         big, big_mask = make_phantom(folder, "phantom512", in_plane=512, slices=200)
@@ -195,17 +202,68 @@ def fp32_headroom(figures: dict, args, bench: dict, rows: dict) -> None:
 
 
 def end_to_end_figure(figures: dict, args, folder: Path, fp32: Path) -> None:
-    from liverstage.runtime.backends import open_backend
+    from liverstage.runtime.backends.choice import choose_backend
+    from liverstage.runtime.backends.openvino import openvino_installed
     from liverstage.runtime.bench import BenchConfig, end_to_end
 
     print("\n[3] end to end vs model-only, 40-slice phantom (not a patient), liver mask, batch 16", flush=True)
     vol40, mask40 = make_phantom(folder, "phantom40", in_plane=224, slices=40)
-    backend = open_backend(fp32, device="cpu", threads=args.threads)
     e2e_cfg = BenchConfig(model=fp32, batch_sizes=(16,), iters=args.iters, input_volume=vol40)
-    e2e = end_to_end(e2e_cfg, backend, mask=mask40, log=lambda s: print("  " + s, flush=True))
-    figures["end_to_end"] = e2e
-    print(f"  {e2e['crops']} crops: end to end {e2e['end_to_end_s']:.3f} s, model only {e2e['model_only_s']:.3f} s: "
-          f"ratio {e2e['ratio']:.3f}   (target <= 1.25)")
+    runs = [("onnx", "fp32", 1.25)] + ([("openvino", "int8", 1.35)] if openvino_installed() else [])
+    for backend_name, precision, target in runs:
+        backend = choose_backend(fp32, backend=backend_name, precision=precision, device="cpu", threads=args.threads)
+        e2e = end_to_end(e2e_cfg, backend, mask=mask40, log=lambda s: print("  " + s, flush=True))
+        figures["end_to_end" if backend_name == "onnx" else f"end_to_end_{backend_name}_{precision}"] = e2e
+        print(f"  {backend.name} {backend.precision}, {e2e['crops']} crops: end to end {e2e['end_to_end_s']:.3f} s, "
+              f"model only {e2e['model_only_s']:.3f} s: ratio {e2e['ratio']:.3f}   (target <= {target})")
+
+
+def openvino_figure(figures: dict, args, fp32: Path, int8: Path) -> None:
+    """OpenVINO rows against ONNX Runtime and against plain OpenVINO on the same files, one run."""
+    from liverstage.runtime.backends.openvino import openvino_installed
+    from liverstage.runtime.bench import BenchConfig, run_bench
+
+    print(f"\n[5] OpenVINO, ResNet18 at 224 px, batch 16, {args.threads} thread(s)", flush=True)
+    if not openvino_installed():
+        print("  skipped: OpenVINO is not installed (pip install 'liverstage[openvino]')")
+        return
+    from openvino_plain import plain_openvino_p50
+
+    plain_runs = {"openvino": (fp32, "fp32"), "openvino-bf16": (fp32, "bf16"), "openvino-int8": (int8, "fp32")}
+
+    def plain() -> dict[str, float]:
+        return {row: plain_openvino_p50(str(path), precision=precision, batch=16, threads=args.threads,
+                                        warmup=args.warmup, iters=args.iters)
+                for row, (path, precision) in plain_runs.items()}
+
+    # Plain OpenVINO before and after liverstage's rows, keeping the faster: the comparison then
+    # errs against liverstage when the machine's load drifts.
+    before = plain()
+    cfg = BenchConfig(model=fp32, backends=("onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8"),
+                      batch_sizes=(16,), warmup=args.warmup, iters=args.iters, threads=args.threads, int8_model=int8)
+    bench = run_bench(cfg, log=lambda s: print("  " + s, flush=True))
+    after = plain()
+    plain_p50 = {row: min(before[row], after[row]) for row in plain_runs}
+    rows = {r["backend"]: r for r in bench["results"] if not r["skipped"]}
+    for r in bench["results"]:
+        if r["skipped"]:
+            print(f"  {r['backend']} skipped: {r['skipped']}")
+    for name, r in rows.items():
+        print(f"  {name:14s} p50 {r['p50_ms']:8.1f} ms  {r['crops_per_s']:7.1f} crops/s")
+    out: dict = {"bench": bench, "plain_openvino_p50_s": plain_p50}
+    targets = [("openvino-bf16", "onnx", 1.8), ("openvino-int8", "onnx-int8", 1.1)]
+    for row, reference, target in targets:
+        if row in rows and reference in rows:
+            ratio = rows[reference]["p50_ms"] / rows[row]["p50_ms"]
+            out[f"{row}_vs_{reference}"] = ratio
+            print(f"  {row} vs {reference}: {ratio:.2f}x   (target >= {target}x)")
+    for row in plain_runs:
+        if row in rows:
+            ratio = plain_p50[row] * 1e3 / rows[row]["p50_ms"]
+            out[f"{row}_vs_plain"] = ratio
+            print(f"  {row} vs plain OpenVINO on the same file ({plain_p50[row] * 1e3:.1f} ms): {ratio:.1%}   "
+                  "(target >= 95%)")
+    figures["openvino"] = out
 
 
 if __name__ == "__main__":

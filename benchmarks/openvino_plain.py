@@ -19,26 +19,36 @@ import time
 import numpy as np
 
 
+class PlainOpenVINO:
+    """One compiled model and one infer request, nothing else."""
+
+    def __init__(self, model: str, *, precision: str = "fp32", threads: int | None = None) -> None:
+        sys.modules.setdefault("openvino_telemetry", None)
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(model), "CPU", config)
+        self.crop_size = self.compiled.inputs[0].get_partial_shape()[2].get_length()
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, images: np.ndarray) -> None:
+        self.request.infer({0: images})
+
+
 def plain_openvino_p50(model: str, *, precision: str = "fp32", batch: int = 16, threads: int | None = None,
                        warmup: int = 3, iters: int = 20) -> float:
     """Median seconds per batch of `model` under plain OpenVINO."""
-    sys.modules.setdefault("openvino_telemetry", None)
-    import openvino as ov
-
-    core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(core.read_model(model), "CPU", config)
-    size = compiled.inputs[0].get_partial_shape()[2].get_length()
-    images = np.random.default_rng(0).standard_normal((batch, 1, size, size)).astype(np.float32)
-    request = compiled.create_infer_request()
+    plain = PlainOpenVINO(model, precision=precision, threads=threads)
+    images = np.random.default_rng(0).standard_normal((batch, 1, plain.crop_size, plain.crop_size)).astype(np.float32)
     for _ in range(warmup):
-        request.infer({0: images})
+        plain.run(images)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        request.infer({0: images})
+        plain.run(images)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 

@@ -276,3 +276,51 @@ def test_no_socket_system_call_while_predicting(tmp_path, tiny_model, small_volu
         pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert trace.read_text() == "", f"socket system calls: {trace.read_text()[:2000]}"
+
+
+def test_bf16_record_without_openvino_or_native_bf16(tiny_model, monkeypatch):
+    from liverstage.export.openvino_parity import measure_bf16
+
+    lines: list[str] = []
+    images = _images(6)
+    monkeypatch.setattr(ov_backend, "openvino_installed", lambda: False)
+    assert measure_bf16(tiny_model.read_bytes(), images, None, echo=lines.append) is None
+    assert "not measured (OpenVINO is not installed" in lines[-1]
+    monkeypatch.setattr(ov_backend, "openvino_installed", lambda: True)
+    monkeypatch.setattr(ov_backend, "cpu_flags", lambda: frozenset({"avx2"}))
+    record = measure_bf16(tiny_model.read_bytes(), images, None, echo=lines.append)
+    assert record["reason"] == "the export ran on a CPU without native bf16" and "stage_agreement" not in record
+
+
+@needs_bf16
+@pytest.mark.slow
+def test_export_records_bf16_parity_and_predict_follows_it(tmp_path, small_volume_path, run_cli):
+    """A real fp32 export measures OpenVINO bf16 against fp32 on its parity crops, writes the record into
+    the metadata, PATH.parity.json and the model card, and `predict` then runs bf16 because of it."""
+    torch = pytest.importorskip("torch")
+    from liverstage.export.api import ExportOptions, export_checkpoint
+    from liverstage.runtime.spec import PreprocessSpec
+    from liverstage.train.checkpoint import save_checkpoint
+    from liverstage.train.model import build_model
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "model.pt", build_model("resnet18", "amcl").eval(),
+                           preprocess=PreprocessSpec(crop_size=32), args={}, splits={}, manifest=None, epoch=0)
+    lines: list[str] = []
+    result = export_checkpoint(ckpt, tmp_path / "model.onnx", ExportOptions(precision="fp32"), echo=lines.append)
+    record = result.metadata.extra["openvino_bf16"]
+    assert record["n_crops"] == result.parity["n_crops"] > 0 and record["reference"] == "openvino fp32"
+    assert 0 < record["max_abs_delta_cosine"] < 0.02 and record["allowed"] == (record["stage_agreement"] >= 0.995)
+    assert ov_backend.read_metadata(tmp_path / "model.onnx").extra["openvino_bf16"] == record
+    assert json.loads(result.parity_path.read_text())["openvino_bf16"] == record
+    assert "in OpenVINO bf16 against OpenVINO fp32" in (tmp_path / "MODEL_CARD.md").read_text()
+    assert any(line.startswith("OpenVINO bf16 vs fp32") for line in lines)
+
+    vol, mask = small_volume_path
+    report = tmp_path / "r.json"
+    code, _, err = run_cli(["predict", vol, "--model", tmp_path / "model.onnx", "--mask", mask, "--report", report,
+                            "--quiet"])
+    assert code == 0, err
+    model = json.loads(report.read_text())["model"]
+    assert model["backend"] == "openvino-cpu"
+    assert model["precision"] == ("bf16" if record["allowed"] else "fp32") and "parity record" in model["reason"]

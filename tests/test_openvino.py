@@ -117,7 +117,7 @@ def test_int8_runs_the_sibling_from_the_same_checkpoint(tmp_path, tiny_onnx):
         chosen = choose_backend(fp32, backend=backend, precision="int8", device="cpu")
         assert chosen.path.name == "r18.int8.onnx" and chosen.precision == "int8"
     assert choose_backend(tmp_path / "r18.int8.onnx").precision == "int8"  # auto keeps the file's precision
-    with pytest.raises(ModelError, match="this one is int8"):
+    with pytest.raises(ModelError, match="--precision fp32 asked, but this model is int8"):
         choose_backend(tmp_path / "r18.int8.onnx", precision="fp32")
     _model(tmp_path, tiny_onnx, "r18.int8.onnx", precision="int8", checkpoint="f" * 64)
     with pytest.raises(ModelError, match="another checkpoint than r18.onnx"):

@@ -105,10 +105,8 @@ def _check(backend, precision: str, given: Path, given_metadata) -> None:
     file_precision = backend.metadata.precision
     if precision == "auto":
         precision = file_precision
-    if precision == "int8" and file_precision != "int8":
-        raise ModelError(f"{backend.path}: --precision int8 asked, but this model is {file_precision}")
-    if precision in ("fp32", "bf16") and file_precision != "fp32":
-        raise ModelError(f"{backend.path}: --precision {precision} runs from an fp32 model, this one is {file_precision}")
+    if file_precision != ("fp32" if precision == "bf16" else precision):
+        raise ModelError(f"{backend.path}: --precision {precision} asked, but this model is {file_precision}")
     if given_metadata is not None and backend.metadata.checkpoint_sha256 != given_metadata.checkpoint_sha256:
         raise ModelError(f"{backend.path} was exported from another checkpoint than {given.name}; export the int8 "
                          "model again from the same checkpoint")

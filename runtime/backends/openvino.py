@@ -163,7 +163,7 @@ def inference_precision(asked: str, metadata: ModelMetadata, core) -> tuple[str,
     file_precision = metadata.precision
     if asked == "bf16":
         if file_precision != "fp32":
-            raise ModelError(f"bf16 runs from the fp32 model, this one is {file_precision}")
+            raise ModelError(f"--precision bf16 asked, but this model is {file_precision} (bf16 runs from the fp32 model)")
         if not native_bf16(core):
             raise BackendUnavailable("bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); this one has neither, "
                                      "use --precision fp32")
@@ -172,6 +172,8 @@ def inference_precision(asked: str, metadata: ModelMetadata, core) -> tuple[str,
             raise ModelError(f"--precision bf16 refused: {why}; use --precision fp32")
         return "bf16", "--precision bf16" + ("" if state == "allowed" else f" (unchecked: {why})")
     if asked != "auto":
+        if asked != file_precision:
+            raise ModelError(f"--precision {asked} asked, but this model is {file_precision}")
         return file_precision, f"--precision {asked}"
     if file_precision != "fp32":
         return file_precision, f"the model file is {file_precision}"

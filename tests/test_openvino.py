@@ -10,13 +10,16 @@ import textwrap
 import numpy as np
 import pytest
 
-pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'liverstage[openvino]')")
+from liverstage.runtime.backends import open_backend
+from liverstage.runtime.backends import openvino as ov_backend
+from liverstage.runtime.backends.choice import bf16_verdict, choose_backend
+from liverstage.runtime.backends.openvino import OpenVINOBackend, cache_root
+from liverstage.runtime.errors import BackendUnavailable, InputError, ModelError
 
-from liverstage.runtime.backends import open_backend  # noqa: E402
-from liverstage.runtime.backends import openvino as ov_backend  # noqa: E402
-from liverstage.runtime.backends.choice import bf16_verdict, choose_backend  # noqa: E402
-from liverstage.runtime.backends.openvino import OpenVINOBackend, cache_root  # noqa: E402
-from liverstage.runtime.errors import BackendUnavailable, InputError, ModelError  # noqa: E402
+# Not pytest.importorskip("openvino"): a plain `import openvino` loads its telemetry, which sends
+# an event on import unless a consent file says no. Only liverstage's import_openvino imports it.
+if not ov_backend.openvino_installed():
+    pytest.skip("OpenVINO is not installed (pip install 'liverstage[openvino]')", allow_module_level=True)
 
 needs_bf16 = pytest.mark.skipif(not ov_backend.native_bf16(), reason="this CPU has no native bf16 (AVX512_BF16 or AMX)")
 ALLOWED = {"n_crops": 40, "stage_agreement": 1.0, "max_abs_delta_cosine": 0.004}

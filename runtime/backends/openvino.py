@@ -14,9 +14,11 @@ Compiled models are cached (OpenVINO's CACHE_DIR) under the user's cache folder,
 sha256, OpenVINO version, CPU): a blob is never offered to another model, release or processor.
 An unwritable cache folder only turns the cache off.
 
-Telemetry: `import openvino` pulls in the `openvino_telemetry` package (for its model
-converter). `import_openvino` marks that package absent before the first import, so OpenVINO
-falls back to its built-in no-op stub; nothing here ever calls the converter.
+Telemetry: `import openvino` imports its model converter, which loads the `openvino_telemetry`
+package and sends an "import" event (seen here as a DNS lookup) unless a consent file under
+~/intel opts out. `import_openvino` marks that package absent before the first import, so the
+converter falls back to its built-in no-op stub; nothing here calls the converter either. (A
+process that imported openvino before liverstage did has its telemetry already loaded.)
 
 Hint: "latency" runs one request on all threads; "throughput" lets OpenVINO make several
 streams and splits each batch across them (an AsyncInferQueue), for servers that care about

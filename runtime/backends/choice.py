@@ -141,14 +141,7 @@ def choose_backend(model_path: str | Path, *, backend: str = "auto", precision: 
     if not given.is_file():
         raise ModelError(f"model file not found: {given}")
     if given.suffix == ".engine" or backend == "trt":
-        if backend not in ("auto", "trt"):
-            raise InputError(f"{given}: a TensorRT engine runs with --backend trt or auto, not {backend}")
-        if given.suffix != ".engine" and not sibling_file(given, ".engine").is_file():
-            raise ModelError(f"{given}: --backend trt needs the engine {sibling_file(given, '.engine').name} beside it")
-        engine = given if given.suffix == ".engine" else sibling_file(given, ".engine")
-        return _with_reason(open_backend(engine, device="cuda" if device == "auto" else device,
-                                         rebuild_engine=rebuild_engine), "a TensorRT engine was given" if
-                            given.suffix == ".engine" else "--backend trt")
+        return _engine(given, backend, device, rebuild_engine)
     path = _model_file(given, precision)
     given_metadata = _metadata_of(given) if path != given else None
 
@@ -178,6 +171,17 @@ def choose_backend(model_path: str | Path, *, backend: str = "auto", precision: 
     runner = OpenVINOBackend(path, precision=precision, threads=threads, hint=hint)
     _check(runner, precision, given, given_metadata)
     return _with_reason(runner, f"{why}; {runner.precision_reason}")
+
+
+def _engine(given: Path, backend: str, device: str, rebuild_engine: bool):
+    """The TensorRT engine given, or the sibling X.engine of X.onnx for --backend trt."""
+    if backend not in ("auto", "trt"):
+        raise InputError(f"{given}: a TensorRT engine runs with --backend trt or auto, not {backend}")
+    engine = given if given.suffix == ".engine" else sibling_file(given, ".engine")
+    if not engine.is_file():
+        raise ModelError(f"{given}: --backend trt needs the engine {engine.name} beside it")
+    runner = open_backend(engine, device="cuda" if device == "auto" else device, rebuild_engine=rebuild_engine)
+    return _with_reason(runner, "a TensorRT engine was given" if engine == given else "--backend trt")
 
 
 def _onnx(path: Path, device: str, threads):

@@ -1,11 +1,16 @@
-"""Issue 6 runtime targets, each printed as a ratio against a reference measured in the same run.
+"""Runtime targets, each printed as a ratio against a reference measured in the same run.
 
-    python benchmarks/bench_runtime.py [--threads N] [--iters 10] [--warmup 3] [--out DIR] [--json F]
+    python benchmarks/bench_runtime.py [--threads N] [--iters 10] [--warmup 3] [--out DIR] [--json F] [--parts 1,2,3,4,5]
 
 1. ONNX Runtime fp32 vs PyTorch eager fp32, ResNet18 at 224 px, batch 16   target >= 1.9x
 2. ONNX Runtime int8 (static QDQ) vs PyTorch eager fp32, same               target >= 5x
-3. predict end to end on a 40-slice phantom vs model-only time of its crops target <= 1.25x
+3. predict end to end on a 40-slice phantom vs model-only time of its crops target <= 1.25x (ONNX
+   Runtime fp32); with OpenVINO also for the fastest backend, OpenVINO int8  target <= 1.35x
 4. peak memory (ru_maxrss of a child `liverstage predict`) on 512x512x200   target <= 2 GB
+5. OpenVINO (needs the openvino extra), same model and batch:
+   openvino-bf16 vs ONNX Runtime fp32                                       target >= 1.8x
+   openvino-int8 vs ONNX Runtime int8                                       target >= 1.1x
+   each openvino row vs plain OpenVINO on the same file (openvino_plain.py) target >= 0.95x
 
 Needs the `train` extra (torch, to build the checkpoint, export it and time the reference).
 The model has random weights (speed and memory do not depend on what it learned); volumes are
@@ -22,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def make_phantom(folder: Path, name: str, *, in_plane: int, slices: int, index: int = 0) -> tuple[Path, Path]:
@@ -118,7 +125,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="keep models and phantoms here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
-    parser.add_argument("--parts", default="1,2,3,4", help="which figures to measure (1,2 share one run)")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="which figures to measure (1,2 share one run)")
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",")}
 
@@ -132,6 +139,8 @@ def main() -> None:
         speed(figures, args, ckpt, fp32, int8)
     if "3" in parts:
         end_to_end_figure(figures, args, folder, fp32)
+    if "5" in parts:
+        openvino_figure(figures, args, fp32, int8)
     if "4" in parts:
         print("\n[4] peak memory of `liverstage predict` on a 512x512x200 phantom (not a patient)", flush=True)
         big, big_mask = make_phantom(folder, "phantom512", in_plane=512, slices=200)
@@ -195,17 +204,72 @@ def fp32_headroom(figures: dict, args, bench: dict, rows: dict) -> None:
 
 
 def end_to_end_figure(figures: dict, args, folder: Path, fp32: Path) -> None:
-    from liverstage.runtime.backends import open_backend
+    from liverstage.runtime.backends.choice import choose_backend
+    from liverstage.runtime.backends.openvino import openvino_installed
     from liverstage.runtime.bench import BenchConfig, end_to_end
 
     print("\n[3] end to end vs model-only, 40-slice phantom (not a patient), liver mask, batch 16", flush=True)
     vol40, mask40 = make_phantom(folder, "phantom40", in_plane=224, slices=40)
-    backend = open_backend(fp32, device="cpu", threads=args.threads)
     e2e_cfg = BenchConfig(model=fp32, batch_sizes=(16,), iters=args.iters, input_volume=vol40)
-    e2e = end_to_end(e2e_cfg, backend, mask=mask40, log=lambda s: print("  " + s, flush=True))
-    figures["end_to_end"] = e2e
-    print(f"  {e2e['crops']} crops: end to end {e2e['end_to_end_s']:.3f} s, model only {e2e['model_only_s']:.3f} s: "
-          f"ratio {e2e['ratio']:.3f}   (target <= 1.25)")
+    runs = [("onnx", "fp32", 1.25)] + ([("openvino", "int8", 1.35)] if openvino_installed() else [])
+    for backend_name, precision, target in runs:
+        backend = choose_backend(fp32, backend=backend_name, precision=precision, device="cpu", threads=args.threads)
+        e2e = end_to_end(e2e_cfg, backend, mask=mask40, log=lambda s: print("  " + s, flush=True))
+        figures["end_to_end" if backend_name == "onnx" else f"end_to_end_{backend_name}_{precision}"] = e2e
+        print(f"  {backend.name} {backend.precision}, {e2e['crops']} crops: end to end {e2e['end_to_end_s']:.3f} s, "
+              f"model only {e2e['model_only_s']:.3f} s: ratio {e2e['ratio']:.3f}   (target <= {target})")
+
+
+def openvino_figure(figures: dict, args, fp32: Path, int8: Path) -> None:
+    """OpenVINO against ONNX Runtime and against plain OpenVINO on the same files, one run.
+
+    Every runner is opened once, then timed in rounds, each runner once per round (3 calls after
+    1 warm-up call), and each ratio is the median over rounds of the two runners' times in the
+    same round: on a machine whose load drifts, both sides of a ratio see the same load.
+    """
+    from liverstage.runtime.backends.choice import choose_backend
+    from liverstage.runtime.backends.openvino import OpenVINOBackend, native_bf16, openvino_installed
+    from liverstage.runtime.bench import percentiles, time_calls
+
+    print(f"\n[5] OpenVINO, ResNet18 at 224 px, batch 16, {args.threads} thread(s), {args.iters} interleaved rounds",
+          flush=True)
+    if not openvino_installed():
+        print("  skipped: OpenVINO is not installed (pip install 'liverstage[openvino]')")
+        return
+    from openvino_plain import PlainOpenVINO
+
+    ov_rows = {"openvino": (fp32, "fp32"), "openvino-int8": (int8, "int8")}
+    if native_bf16():
+        ov_rows["openvino-bf16"] = (fp32, "bf16")
+    else:
+        print("  openvino-bf16 skipped: this CPU has no native bf16")
+    runners = {"onnx": choose_backend(fp32, backend="onnx", precision="fp32", device="cpu", threads=args.threads),
+               "onnx-int8": choose_backend(int8, backend="onnx", device="cpu", threads=args.threads)}
+    for row, (path, precision) in ov_rows.items():
+        runners[row] = OpenVINOBackend(path, precision=precision, threads=args.threads)
+        runners[f"plain {row}"] = PlainOpenVINO(str(path), precision="bf16" if precision == "bf16" else "fp32",
+                                                threads=args.threads)
+    batch = np.random.default_rng(0).standard_normal((16, 1, 224, 224)).astype(np.float32)
+    rounds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.iters):
+        for name, runner in runners.items():
+            rounds[name].append(percentiles(time_calls(lambda: runner.run(batch), warmup=1, iters=3))["p50"])
+    for name, times in rounds.items():
+        p50 = float(np.median(times))
+        print(f"  {name:20s} p50 {p50 * 1e3:8.1f} ms  {16 / p50:7.1f} crops/s")
+
+    def paired(reference: str, row: str) -> float:
+        return float(np.median(np.array(rounds[reference]) / np.array(rounds[row])))
+
+    out: dict = {"p50_s": {name: float(np.median(times)) for name, times in rounds.items()}, "rounds": args.iters}
+    for row, reference, target in (("openvino-bf16", "onnx", 1.8), ("openvino-int8", "onnx-int8", 1.1)):
+        if row in runners:
+            out[f"{row}_vs_{reference}"] = paired(reference, row)
+            print(f"  {row} vs {reference}: {out[f'{row}_vs_{reference}']:.2f}x   (target >= {target}x)")
+    for row in ov_rows:
+        out[f"{row}_vs_plain"] = paired(f"plain {row}", row)
+        print(f"  {row} vs plain OpenVINO on the same file: {out[f'{row}_vs_plain']:.1%}   (target >= 95%)")
+    figures["openvino"] = out
 
 
 if __name__ == "__main__":

@@ -202,6 +202,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     echo(parity.format_report(options.precision, figures, failures))
     meta = meta.replace(extra={**meta.extra, "parity": {k: figures[k] for k in (
         "n_crops", "max_abs_delta_cosine", "stage_agreement") if isinstance(figures.get(k), (int, float))}})
+    if options.precision == "fp32" and options.fmt == "onnx" and options.engine == "onnx":
+        from .openvino_parity import measure_bf16  # noqa: PLC0415
+
+        if (bf16 := measure_bf16(onnx_export.to_bytes(model), crops.parity.images, crops.parity.labels, echo=echo)):
+            figures["openvino_bf16"] = bf16
+            meta = meta.replace(extra={**meta.extra, "openvino_bf16": bf16})
     onnx_export.set_metadata(model, meta)
     model_bytes = onnx_export.to_bytes(model)
     report = json_safe({"precision": options.precision, "checkpoint": str(checkpoint.resolve()),

@@ -217,6 +217,12 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"{_fmt(p['max_abs_delta_cosine']) if 'max_abs_delta_cosine' in p else '-'} | "
             f"{format(p['stage_agreement'], '.2%') if p.get('stage_agreement') is not None else '-'} | "
             f"{format(acc * 100, '+.2f') + ' points' if acc is not None else '-'} |")
+    for entry in card["exports"]:
+        bf16 = (entry.get("parity") or {}).get("openvino_bf16") or {}
+        if "stage_agreement" in bf16:
+            lines.append(f"- {entry['file']} in OpenVINO bf16 against OpenVINO fp32 ({bf16['n_crops']} crops): max abs delta "
+                         f"cosine {_fmt(bf16['max_abs_delta_cosine'])}, stage agreement {bf16['stage_agreement']:.2%}: "
+                         + ("bf16 allowed for `--precision auto`" if bf16.get("allowed") else "bf16 not allowed (fp32 runs)"))
     lines += ["", "## Limits"] + [f"- {item}" for item in card["limits"]]
     lines += ["", "## Versions", "- " + _fmt(card["versions"]), "", "## References"]
     lines += [f"- {ref}" for ref in card["references"]]

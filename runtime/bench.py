@@ -8,6 +8,9 @@ run), and with `input_volume`, model-only time against end-to-end time (volume i
 Backends:
   onnx       the fp32 (or whatever) .onnx given as the model, ONNX Runtime
   onnx-int8  `int8_model`, else the sibling `X.int8.onnx` of `X.onnx`; skipped if neither exists
+  openvino, openvino-bf16, openvino-int8
+             OpenVINO on the CPU (latency hint): the fp32 model in fp32 and in bf16 (skipped on a
+             CPU without native bf16), and the int8 model; skipped without OpenVINO
   trt        `engine`, else the sibling `X.engine`; skipped without TensorRT / a GPU
   torch      PyTorch eager fp32 from the checkpoint (`checkpoint`, else
              metadata.extra["checkpoint_path"]); skipped without torch or checkpoint
@@ -31,9 +34,11 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
+from .backends.choice import sibling_file as sibling  # X.onnx -> X.int8.onnx, X.engine
 from .errors import InputError, LiverstageError
 
-BACKENDS = ("onnx", "onnx-int8", "trt", "torch")
+BACKENDS = ("onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8", "trt", "torch")
+OPENVINO_ROWS = {"openvino": "fp32", "openvino-bf16": "bf16", "openvino-int8": "int8"}
 
 
 # -- timing core -----------------------------------------------------------------------------------
@@ -150,11 +155,6 @@ def count_flops(onnx_path: str | Path) -> float | None:
 
 
 # -- backends --------------------------------------------------------------------------------------
-def sibling(path: Path, suffix: str) -> Path:
-    """X.onnx -> X<suffix> (e.g. X.int8.onnx, X.engine)."""
-    name = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.stem
-    return path.with_name(name + suffix)
-
 
 class TorchEager:
     """PyTorch eager fp32 from a liverstage checkpoint: the reference the issue's ratios use.
@@ -201,7 +201,7 @@ def runner_device(runner) -> str:
 @dataclasses.dataclass
 class BenchConfig:
     model: Path
-    backends: tuple[str, ...] = ("onnx", "onnx-int8", "trt", "torch")
+    backends: tuple[str, ...] = ("onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8", "trt", "torch")
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     warmup: int = 3
     iters: int = 20
@@ -242,6 +242,8 @@ def _open(kind: str, cfg: BenchConfig, metadata, *, torch_device: str = "cpu"):
             if not path.is_file():
                 return None, path, f"no int8 model ({path} not found; give --int8-model)"
             return open_backend(path, device=cfg.device, threads=cfg.threads), path, None
+        if kind in OPENVINO_ROWS:
+            return _open_openvino(kind, cfg)
         if kind == "trt":
             path = cfg.engine or (cfg.model if cfg.model.suffix == ".engine" else sibling(cfg.model, ".engine"))
             if not path.is_file():
@@ -258,6 +260,18 @@ def _open(kind: str, cfg: BenchConfig, metadata, *, torch_device: str = "cpu"):
         return None, None, f"{kind} is not available here ({exc})"
     except LiverstageError as exc:
         return None, None, " ".join(str(exc).split())
+
+
+def _open_openvino(kind: str, cfg: BenchConfig):
+    from .backends.openvino import OpenVINOBackend  # noqa: PLC0415
+
+    precision = OPENVINO_ROWS[kind]
+    if cfg.model.suffix == ".engine":
+        return None, cfg.model, "the model is an engine; give the .onnx for the OpenVINO backend"
+    path = (cfg.int8_model or sibling(cfg.model, ".int8.onnx")) if precision == "int8" else cfg.model
+    if not path.is_file():
+        return None, path, f"no int8 model ({path} not found; give --int8-model)"
+    return OpenVINOBackend(path, precision=precision, threads=cfg.threads), path, None
 
 
 def _torch_installed() -> bool:

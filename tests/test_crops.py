@@ -169,6 +169,25 @@ def test_resize_same_size_is_identity():
     np.testing.assert_array_equal(resize2d(a, 17), a)
 
 
+def test_resize_is_the_plain_per_tap_sum_bit_for_bit():
+    """However resize2d is arranged for speed, every output is 0 + w0*a0 + w1*a1 + ... in float64,
+    taps in order, so crops never change with its implementation."""
+    from liverstage.runtime.crops import _resample_taps
+
+    def axis0(a, n):
+        idx, w = _resample_taps(a.shape[0], n)
+        out = np.zeros((n,) + a.shape[1:])
+        for k in range(idx.shape[1]):
+            out = out + w[:, k, None] * a[idx[:, k]]
+        return out
+
+    rng = np.random.default_rng(5)
+    for shape, (rows, cols) in (((37, 53), (224, 224)), ((150, 150), (64, 64)), ((9, 200), (31, 17))):
+        image = np.clip(rng.standard_normal(shape), -0.5, 1.5)
+        want = np.ascontiguousarray(axis0(np.ascontiguousarray(axis0(image, rows).T), cols).T)
+        assert resize2d(image, (rows, cols)).tobytes() == want.tobytes()
+
+
 def test_shrinking_is_anti_aliased():
     checker = (np.indices((96, 96)).sum(axis=0) % 2).astype(np.float64)  # highest frequency
     small = resize2d(checker, 24)

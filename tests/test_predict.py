@@ -289,7 +289,7 @@ def test_real_exported_model_matches_pytorch(tmp_path, small_volume_path, capsys
     vol, mask = small_volume_path
     report = tmp_path / "r.json"
     code, _, err = run_cli(["predict", str(vol), "--model", str(model), "--mask", str(mask), "--report", str(report),
-                            "--quiet"], capsys)
+                            "--precision", "fp32", "--quiet"], capsys)
     assert code == 0, err
     result = json.loads(report.read_text())["results"][0]
     crops = crops_for_volume(vol, spec=spec, mask=mask)

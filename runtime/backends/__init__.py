@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import BackendUnavailable, InputError, ModelError
-from ..model_meta import ModelMetadata
+from ..model_meta import INPUT_NAME, OUTPUT_NAMES, ModelMetadata
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -47,6 +47,19 @@ def check_images(images: np.ndarray, crop_size: int) -> np.ndarray:
     if images.ndim != 4 or images.shape[1] != 1 or images.shape[2:] != (crop_size, crop_size) or images.shape[0] < 1:
         raise ValueError(f"expected images of shape [N, 1, {crop_size}, {crop_size}], got {list(images.shape)}")
     return images
+
+
+def check_io(path: Path, inputs: list[str], input_shape: list, outputs: set[str], crop_size: int) -> None:
+    """ModelError unless the graph has our interface: input `image` [N, 1, S, S] (S = the metadata's
+    crop size; None or a name for a dynamic dimension) and the outputs cosine, probs, embedding."""
+    if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs:
+        raise ModelError(
+            f"{path}: expected input '{INPUT_NAME}' and outputs {', '.join(OUTPUT_NAMES)}, got "
+            f"inputs {inputs} and outputs {sorted(outputs)}"
+        )
+    static = [d for d in input_shape[1:] if isinstance(d, int)]
+    if len(input_shape) != 4 or (static and static != [1, crop_size, crop_size][-len(static):]):
+        raise ModelError(f"{path}: input shape {input_shape} does not match crop_size {crop_size} from its metadata")
 
 
 def open_backend(model_path: str | Path, *, device: str = "auto", threads: int | None = None,

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable, ModelError
 from ..model_meta import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ModelMetadata
-from . import check_images
+from . import check_images, check_io
 
 
 def _import_ort():
@@ -81,17 +81,8 @@ class OnnxBackend:
 
     def _check_io(self) -> None:
         inputs = self.session.get_inputs()
-        outputs = {o.name for o in self.session.get_outputs()}
-        if [i.name for i in inputs] != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs:
-            raise ModelError(
-                f"{self.path}: expected input '{INPUT_NAME}' and outputs {', '.join(OUTPUT_NAMES)}, got "
-                f"inputs {[i.name for i in inputs]} and outputs {sorted(outputs)}"
-            )
-        size = self.metadata.preprocess.crop_size
-        shape = inputs[0].shape
-        static = [d for d in shape[1:] if isinstance(d, int)]
-        if len(shape) != 4 or (static and static != [1, size, size][-len(static):]):
-            raise ModelError(f"{self.path}: input shape {shape} does not match crop_size {size} from its metadata")
+        check_io(self.path, [i.name for i in inputs], list(inputs[0].shape),
+                 {o.name for o in self.session.get_outputs()}, self.metadata.preprocess.crop_size)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = check_images(images, self.metadata.preprocess.crop_size)

@@ -29,7 +29,7 @@ def print_bench(result: dict, console=None) -> None:
     flops = result["flops_per_crop"]
     console.print(
         f"warm-up {result['warmup']}, timed iterations {result['iters']}, threads "
-        f"{m['threads'] if m['threads'] is not None else 'default (ONNX Runtime: one per core)'}, "
+        f"{m['threads'] if m['threads'] is not None else 'default (each backend: one per core)'}, "
         f"{m['cpu_count']} CPU(s); inputs: {result['inputs']}", highlight=False)
     model_flops = f"{flops / 1e9:.3g} GFLOP per crop" if flops else "n/a (onnx not installed or shapes unknown)"
     console.print(f"float32 matmul peak (numpy, this run): {m['matmul_peak_gflops']:.1f} GFLOP/s; model: {model_flops}",
@@ -65,11 +65,12 @@ def register(app: typer.Typer) -> None:
     def bench_command(
         model: Path = typer.Option(..., "--model", "-m", help="Exported model (.onnx, or .engine for trt)."),
         batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Comma-separated batch sizes."),
-        backends: str = typer.Option("onnx,onnx-int8,trt,torch", "--backends", help="Any of onnx, onnx-int8, trt, torch."),
+        backends: str = typer.Option("onnx,onnx-int8,openvino,openvino-bf16,openvino-int8,trt,torch", "--backends",
+                                     help="Any of onnx, onnx-int8, openvino, openvino-bf16, openvino-int8, trt, torch."),
         input_volume: Optional[Path] = typer.Option(None, "--input", help="A volume: time predict end to end (--roi auto) against model-only on its crops."),
         warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
         iters: int = typer.Option(20, "--iters", help="Timed runs per backend and batch size."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for ONNX Runtime and torch (default: their own)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Inference threads for ONNX Runtime, OpenVINO and torch (default: their own)."),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto for the ONNX backends. The torch reference runs on each device a measured backend runs on (the GPU for trt), so every speed-up is against PyTorch on the same device."),
         int8_model: Optional[Path] = typer.Option(None, "--int8-model", help="INT8 ONNX model (default: X.int8.onnx beside X.onnx)."),
         engine: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine (default: X.engine beside X.onnx)."),

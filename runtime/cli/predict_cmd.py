@@ -9,8 +9,6 @@ import typer
 
 from ..errors import InputError
 
-DEVICES = ("auto", "cpu", "cuda")
-
 
 def register(app: typer.Typer) -> None:
     @app.command("predict")
@@ -30,22 +28,24 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per model call."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda. auto takes the fastest present."),
         rebuild_engine: bool = typer.Option(False, "--rebuild-engine", help="A TensorRT engine built for another GPU or TensorRT version is rebuilt from its ONNX model instead of refused."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: ONNX Runtime's, one per core)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: the backend's own, one per core)."),
+        backend_name: str = typer.Option("auto", "--backend", help="auto | onnx | openvino | trt. auto: a GPU engine or ONNX Runtime CUDA where present, else OpenVINO on the CPU where installed, else ONNX Runtime."),
+        precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | int8. auto: the model's own, or bf16 with OpenVINO where the CPU has native bf16 and the model's parity record allows it. int8 runs the sibling X.int8.onnx."),
+        hint: str = typer.Option("latency", "--hint", help="OpenVINO performance hint: latency (one request on all threads) or throughput (several streams, each batch split across them)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stdout."),
     ) -> None:
         """Stage liver fibrosis (A early, B middle, C last) per volume, without torch.
 
         The stage of a volume is the argmax of its crops' mean probability. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then).
         """
-        from ..backends import open_backend  # noqa: PLC0415
+        from ..backends.choice import choose_backend, validate_choice  # noqa: PLC0415
         from ..dicom import quiet_pydicom_warnings  # noqa: PLC0415
         from ..roi import parse_bbox  # noqa: PLC0415
         from ..predict import Predictor, resolve_inputs  # noqa: PLC0415
         from ..report import file_sha256, print_table, write_crops_csv, write_png, write_report  # noqa: PLC0415
         from ..dicom_out import build_for_run, check_dicom_out  # noqa: PLC0415
 
-        if device not in DEVICES:
-            raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        validate_choice(backend_name, precision, device, threads, hint)
         box = parse_bbox(bbox) if bbox is not None else None
         if mask is not None and not mask.is_file():
             raise InputError(f"mask not found: {mask}")
@@ -59,9 +59,11 @@ def register(app: typer.Typer) -> None:
         if dicom_out is not None:
             check_dicom_out(dicom_out, paths)
 
-        backend = open_backend(model, device=device, threads=threads, rebuild_engine=rebuild_engine)
-        model_info = {"path": str(model.resolve()), "sha256": file_sha256(model),
-                      "backend": backend.name, "precision": backend.precision}
+        backend = choose_backend(model, backend=backend_name, precision=precision, device=device, threads=threads,
+                                 hint=hint, rebuild_engine=rebuild_engine)
+        model_info = {"path": str(Path(backend.path).resolve()),
+                      "sha256": getattr(backend, "sha256", None) or file_sha256(backend.path),
+                      "backend": backend.name, "precision": backend.precision, "reason": backend.reason}
         predictor = Predictor(backend, mask=mask, mask_dir=mask_dir, mask_label=mask_label, bbox=box, roi=roi,
                               batch_size=batch_size, keep_preview=png is not None or dicom_out is not None,
                               model_info=model_info, series=series)
@@ -81,5 +83,6 @@ def register(app: typer.Typer) -> None:
             built.write(dicom_out / built.source_series_uid)
         if not quiet:
             print_table(run)
+            typer.echo(f"ran {backend.reason}")
         if run.errors:
             raise typer.Exit(code=1)

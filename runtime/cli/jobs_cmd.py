@@ -53,13 +53,16 @@ def register(app: typer.Typer) -> None:
             return
         table = Table(title=f"liverstage jobs ({work})")
         for col in ("series", "description", "n", "state", "stage", "received", "finished", "attempts", "send", "reason / error"):
-            table.add_column(col, overflow="fold")
+            table.add_column(col, overflow="fold", no_wrap=col in ("series", "state", "received", "finished"))
         for j in jobs:
             stage = (j["stage"] or "") + (" uncertain" if j["uncertain"] else "")
             send = j["send"]["state"] + (f" ({j['send']['attempts']})" if j["send"]["attempts"] else "")
             table.add_row(j["series_uid"], j["description"], str(j["instances"]), j["state"], stage,
                           j["last_received"], j["finished"], str(j["attempts"]), send,
                           j["reason"] or j["send"]["error"])
-        Console().print(table)
+        console = Console()
+        if not console.is_terminal:  # piped or logged: full UIDs on one line beat fitting 80 columns
+            console = Console(width=250)
+        console.print(table)
         if not jobs:
             typer.echo("no series received yet")

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         """
         from ..roi import parse_bbox  # noqa: PLC0415
         from ..serve.sender import Destination  # noqa: PLC0415
-        from ..serve.service import ServeConfig, Service, configure_logging, exit_now  # noqa: PLC0415
+        from ..serve.service import ServeConfig, Service, exit_now, logging_to_stderr  # noqa: PLC0415
 
         try:
             import pynetdicom  # noqa: F401, PLC0415
@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
             mask_dir=mask_dir, mask_label=mask_label, bbox=parse_bbox(bbox) if bbox is not None else None,
             roi=roi, batch_size=batch_size, device=device, threads=threads, stop_timeout=stop_timeout,
         )
-        configure_logging()
-        if not Service(config).serve_forever():
+        with logging_to_stderr():
+            finished = Service(config).serve_forever()
+        if not finished:
             exit_now(0)

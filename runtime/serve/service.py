@@ -30,15 +30,26 @@ log = logging.getLogger("liverstage.serve")
 LOCK_NAME = "serve.lock"
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Timestamped lines on stderr; pynetdicom's own chatter only from warnings up."""
+@contextlib.contextmanager
+def logging_to_stderr(level: int = logging.INFO):
+    """Timestamped lines on stderr while the service runs; pynetdicom's own chatter from warnings up.
+
+    The previous logging set-up comes back afterwards (the command may run inside another program).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
                                            datefmt="%Y-%m-%dT%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root, netdicom = logging.getLogger(), logging.getLogger("pynetdicom")
+    saved = (root.level, netdicom.level)
+    root.addHandler(handler)
     root.setLevel(level)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    netdicom.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        netdicom.setLevel(saved[1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,15 +114,23 @@ class Sender:
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                self.wake.clear()
-                job = self.queue.claim_send()
-                if job is None:
-                    due = self.queue.next_send_due()
-                    self.wake.wait(MAX_SLEEP if due is None else min(max(due - time.time(), 0.0) + 0.001, MAX_SLEEP))
-                    continue
-                self.send(job)
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001  (a database hiccup must not end the thread)
+                    log.exception("sender: unexpected error; going on in %g s", MAX_SLEEP)
+                    self.stop.wait(MAX_SLEEP)
         finally:
             self.queue.close()
+
+    def step(self) -> None:
+        """Send one due series, or sleep until the next one is due."""
+        self.wake.clear()
+        job = self.queue.claim_send()
+        if job is None:
+            due = self.queue.next_send_due()
+            self.wake.wait(MAX_SLEEP if due is None else min(max(due - time.time(), 0.0) + 0.001, MAX_SLEEP))
+            return
+        self.send(job)
 
     def send(self, job) -> None:
         uid = job.series_uid

@@ -28,6 +28,8 @@ from .store import InstanceStore
 log = logging.getLogger("liverstage.serve")
 
 LOCK_NAME = "serve.lock"
+WORKER_THREAD = "liverstage-worker"
+SENDER_JOIN_S = 5.0  # a send in flight is pending again on the next start
 
 
 @contextlib.contextmanager
@@ -138,7 +140,7 @@ class Service:
                      model_info["precision"], cfg.quiet_seconds)
             self.worker = Worker(self.queue, predictor, quiet_seconds=cfg.quiet_seconds, wake=self._wake,
                                  stop=self._stop, send=cfg.send_to is not None)
-            self._spawn(self.worker.run, "liverstage-worker")
+            self._spawn(self.worker.run, WORKER_THREAD)
             if cfg.send_to is not None:
                 self.sender = Sender(self.queue, cfg.send_to, calling_ae=cfg.ae_title, stop=self._stop)
                 self._spawn(self.sender.run, "liverstage-sender")
@@ -167,9 +169,10 @@ class Service:
         if self.sender is not None:
             self.sender.wake.set()
         for thread in self._threads:
-            thread.join(self.config.stop_timeout if thread.name == "liverstage-worker" else 5.0)
+            thread.join(self.config.stop_timeout if thread.name == WORKER_THREAD else SENDER_JOIN_S)
+        worker_alive = any(t.is_alive() for t in self._threads if t.name == WORKER_THREAD)
         job = self.worker.current if self.worker is not None else None
-        if job is not None and any(t.is_alive() for t in self._threads):
+        if job is not None and worker_alive:
             finished = False
             if self.queue.requeue(job, "shutdown before the attempt finished"):
                 log.warning("series %s: still staging at shutdown; queued again", job.series_uid)

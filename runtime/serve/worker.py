@@ -46,20 +46,28 @@ class Worker:
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                self.wake.clear()
-                for uid in self.queue.promote_quiet(self.quiet_seconds):
-                    log.info("series %s complete (no instance for %g s): queued", uid, self.quiet_seconds)
-                job = self.queue.claim()
-                if job is None:
-                    self.wake.wait(self._sleep_time())
-                    continue
-                self.current = job
                 try:
-                    self.process(job)
-                finally:
-                    self.current = None
+                    self.step()
+                except Exception:  # noqa: BLE001  (a database hiccup must not end the thread)
+                    log.exception("worker: unexpected error; going on in %g s", MAX_SLEEP)
+                    self.stop.wait(MAX_SLEEP)
         finally:
             self.queue.close()
+
+    def step(self) -> None:
+        """Queue the series that became complete, then stage one job or sleep until one is due."""
+        self.wake.clear()
+        for uid in self.queue.promote_quiet(self.quiet_seconds):
+            log.info("series %s complete (no instance for %g s): queued", uid, self.quiet_seconds)
+        job = self.queue.claim()
+        if job is None:
+            self.wake.wait(self._sleep_time())
+            return
+        self.current = job
+        try:
+            self.process(job)
+        finally:
+            self.current = None
 
     def _sleep_time(self) -> float:
         due = self.queue.next_quiet_due(self.quiet_seconds)

@@ -30,6 +30,7 @@ def test_runtime_modules_import_without_torch():
     proc = _run("""
         import liverstage.runtime.cli, liverstage.runtime.predict, liverstage.runtime.report
         import liverstage.runtime.bench, liverstage.runtime.dicom, liverstage.runtime.backends.onnx
+        import liverstage.runtime.serve.service, liverstage.runtime.serve.scp, liverstage.runtime.serve.sender
         import sys
         assert "torch" not in sys.modules, "torch was imported"
         print("ok")

@@ -193,3 +193,12 @@ def _onnx(path: Path, device: str, threads):
 def _with_reason(runner, reason: str):
     runner.reason = f"{runner.name} {runner.precision}: {reason}"
     return runner
+
+
+def model_info(runner) -> dict:
+    """The report's `model` entry for the backend that runs: the file that ran, its sha256, and why."""
+    from ..provenance import file_sha256  # noqa: PLC0415
+
+    return {"path": str(Path(runner.path).resolve()),
+            "sha256": getattr(runner, "sha256", None) or file_sha256(runner.path),
+            "backend": runner.name, "precision": runner.precision, "reason": runner.reason}

@@ -56,11 +56,13 @@ def _register_commands() -> None:
         export_cmd,
         predict_cmd,
         series_cmd,
+        serve_cmd,
+        jobs_cmd,
         bench_cmd,
     )
 
     for module in (demo_cmd, synth_cmd, crops_cmd, train_cmd, evaluate_cmd, experiment_cmd,
-                   plot_cmd, export_cmd, predict_cmd, series_cmd, bench_cmd):
+                   plot_cmd, export_cmd, predict_cmd, series_cmd, serve_cmd, jobs_cmd, bench_cmd):
         module.register(app)
 
 

@@ -38,11 +38,11 @@ def register(app: typer.Typer) -> None:
 
         The stage of a volume is the argmax of its crops' mean probability. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then).
         """
-        from ..backends.choice import choose_backend, validate_choice  # noqa: PLC0415
+        from ..backends.choice import choose_backend, model_info, validate_choice  # noqa: PLC0415
         from ..dicom import quiet_pydicom_warnings  # noqa: PLC0415
         from ..roi import parse_bbox  # noqa: PLC0415
         from ..predict import Predictor, resolve_inputs  # noqa: PLC0415
-        from ..report import file_sha256, print_table, write_crops_csv, write_png, write_report  # noqa: PLC0415
+        from ..report import print_table, write_crops_csv, write_png, write_report  # noqa: PLC0415
         from ..dicom_out import build_for_run, check_dicom_out  # noqa: PLC0415
 
         validate_choice(backend_name, precision, device, threads, hint)
@@ -61,12 +61,9 @@ def register(app: typer.Typer) -> None:
 
         backend = choose_backend(model, backend=backend_name, precision=precision, device=device, threads=threads,
                                  hint=hint, rebuild_engine=rebuild_engine)
-        model_info = {"path": str(Path(backend.path).resolve()),
-                      "sha256": getattr(backend, "sha256", None) or file_sha256(backend.path),
-                      "backend": backend.name, "precision": backend.precision, "reason": backend.reason}
         predictor = Predictor(backend, mask=mask, mask_dir=mask_dir, mask_label=mask_label, bbox=box, roi=roi,
                               batch_size=batch_size, keep_preview=png is not None or dicom_out is not None,
-                              model_info=model_info, series=series)
+                              model_info=model_info(backend), series=series)
         run = predictor.run(paths)
 
         if len(paths) == 1 and run.errors:

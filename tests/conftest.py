@@ -42,15 +42,15 @@ def run_cli(capsys):
 
 
 # --- runtime (predict/bench) tests: a tiny liverstage-shaped ONNX model built without torch ------
-def _load_tiny_onnx_module():
-    """tests/_tiny_onnx.py by path (pytest runs with --import-mode=importlib: tests/ is not on sys.path)."""
+def _load_helper_module(stem: str):
+    """tests/<stem>.py by path (pytest runs with --import-mode=importlib: tests/ is not on sys.path)."""
     import importlib.util  # noqa: PLC0415
     import sys  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    name = "liverstage_tests_tiny_onnx"
+    name = f"liverstage_tests{stem}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_tiny_onnx.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{stem}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -60,7 +60,13 @@ def _load_tiny_onnx_module():
 @pytest.fixture(scope="session")
 def tiny_onnx():
     """The tests/_tiny_onnx.py module: build_tiny_onnx(path, crop_size=...), tiny_metadata(...)."""
-    return _load_tiny_onnx_module()
+    return _load_helper_module("_tiny_onnx")
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The tests/_reference.py module: the stored fixed-seed reference run and how to remake it."""
+    return _load_helper_module("_reference")
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,9 @@ import torch
 
 from liverstage.train.data import draw_augmentation, epoch_generator
 from liverstage.train.model import build_model
-from liverstage.train.trainer import TrainConfig, TrainStep, train_run, train_steps
+from liverstage.runtime.spec import PreprocessSpec
+from liverstage.train.config import RunConfig
+from liverstage.train.trainer import TrainStep, train_run, train_steps
 
 
 def bare_loop(model, optimizer, images, labels, batches) -> None:
@@ -98,8 +100,9 @@ def pipeline_ratio(backbone: str, loss: str, size: int, batch: int, epochs: int,
     from liverstage.phantoms.synth import synth_cohort  # noqa: PLC0415
 
     manifest = synth_cohort(workdir / "phantoms", patients=patients, seed=0, in_plane=in_plane, slices=slices)
-    cfg = TrainConfig(manifest=manifest, out=workdir / "run", backbone=backbone, loss=loss, epochs=epochs,
-                      batch_size=batch, crop_size=size, cache_dir=workdir / "cache", progress=False, overwrite=True)
+    cfg = RunConfig(manifest=manifest, out=workdir / "run", backbone=backbone, loss=loss, epochs=epochs,
+                    batch_size=batch, preprocess=PreprocessSpec(crop_size=size), cache_dir=workdir / "cache",
+                    progress=False, overwrite=True)
     train_run(cfg, log=lambda _l: None)
     ckpt = torch.load(workdir / "run" / "last.pt", weights_only=True)
     later = [r for r in ckpt["history"] if r["epoch"] >= 2]

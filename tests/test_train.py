@@ -20,7 +20,8 @@ from liverstage.phantoms.synth import synth_cohort
 from liverstage.train import data as data_mod
 from liverstage.train.checkpoint import load_checkpoint
 from liverstage.train.evaluate import predict_crops
-from liverstage.train.trainer import TrainConfig, train_run
+from liverstage.train.config import RunConfig
+from liverstage.train.trainer import train_run
 
 CROP = 32
 
@@ -41,7 +42,7 @@ def _config(cohort, cache, out, **kw):
     base = dict(manifest=cohort, out=out, backbone="resnet18", loss="amcl", epochs=1, batch_size=32,
                 crop_size=CROP, cache_dir=cache, progress=False, device="cpu")
     base.update(kw)
-    return TrainConfig(**base)
+    return RunConfig.from_options(base)
 
 
 def _cli(argv):
@@ -282,7 +283,7 @@ def test_config_validation(tmp_path, change, match):
     from liverstage.runtime.errors import InputError
 
     with pytest.raises(InputError, match=match):
-        TrainConfig(manifest=tmp_path / "m.csv", out=tmp_path / "run", **change).validate()
+        RunConfig.from_options({"manifest": tmp_path / "m.csv", "out": tmp_path / "run", **change})
 
 
 @pytest.mark.slow
@@ -335,3 +336,20 @@ def test_train_on_gpu_with_amp(cohort, cache, tmp_path):
     on_cpu = predict_crops(load_checkpoint(run / "model.pt")[0], images)
     assert np.allclose(on_gpu["probs"], on_cpu["probs"], atol=1e-4)
     assert np.allclose(on_gpu["cosine"], on_cpu["cosine"], atol=1e-4)
+
+
+def test_train_takes_every_crops_option_and_stores_it(cohort, cache, tmp_path):
+    """The preprocessing options of `liverstage crops` (and its --spec file) train a model whose
+    checkpoint carries exactly that PreprocessSpec."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(PreprocessSpec(crop_size=40, clip_low=-1.0).to_json())
+    _cli(["train", "--manifest", str(cohort), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32",
+          "--spec", str(spec_file), "--crop-size", str(CROP), "--box-margin", "0.3", "--min-area-fraction", "0.4",
+          "--percentile-low", "1", "--percentile-high", "99", "--clip-high", "2", "--cache-dir", str(cache),
+          "--device", "cpu", "--no-progress"])
+    expected = PreprocessSpec(crop_size=CROP, box_margin=0.3, min_area_fraction=0.4, percentile_low=1.0,
+                              percentile_high=99.0, clip_low=-1.0, clip_high=2.0)
+    _, ckpt = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert PreprocessSpec.from_dict(ckpt["preprocess"]) == expected
+    assert {k: ckpt["args"][k] for k in PreprocessSpec.option_names()} == {
+        k: v for k, v in expected.to_dict().items() if k != "version"}

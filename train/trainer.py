@@ -1,4 +1,4 @@
-"""`train_run(TrainConfig) -> RUN`: one readable training loop (after torchvision's reference script).
+"""`train_run(RunConfig) -> RUN`: one readable training loop (after torchvision's reference script).
 
 What a run does:
 1. Reads the manifest, makes every crop once through the runtime's preprocessing (cached on disk
@@ -43,92 +43,17 @@ from torch import nn
 from liverstage.runtime.atomic import write_json, write_text
 from liverstage.runtime.errors import InputError, LiverstageError
 from liverstage.runtime.manifest import read_manifest
-from liverstage.runtime.spec import PreprocessSpec
 
+from .config import RESUME_OPTIONS, RunConfig, default_options
 from .checkpoint import checkpoint_dict, read_checkpoint_dict, write_checkpoint_dict
 from .data import CropData, augment, default_cache_dir, draw_augmentation, epoch_generator, load_crops
 from .evaluate import amp_dtype_for, autocast_context, evaluate_data, predictions_csv, resolve_device
 from .metrics import to_jsonable
-from .model import LOSSES, StagingNet, build_model
+from .model import StagingNet, build_model
 from .splits import patient_split, split_with_test
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                    "val_kappa_quadratic", "val_patient_accuracy", "seconds", "crops_per_second")
-# Arguments that must be equal for --resume to continue a run (epochs may grow).
-RESUME_KEYS = ("manifest", "backbone", "loss", "scale", "margin", "lr", "batch_size", "crop_size",
-               "seed", "val_fraction", "test_fraction", "test_patients", "pretrained", "warmup_epochs")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every argument of `liverstage train` (see `validate` for the allowed values)."""
-
-    manifest: Path
-    out: Path
-    backbone: str = "resnet18"
-    loss: str = "amcl"
-    scale: float = 30.0
-    margin: float = 0.5
-    epochs: int = 100
-    lr: float = 5e-5
-    batch_size: int = 32
-    crop_size: int = 224
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    val_fraction: float = 0.0
-    warmup_epochs: int = 0
-    test_fraction: float = 0.2
-    test_patients: list[str] | None = None
-    pretrained: Path | None = None
-    workers: int = 0
-    cache_dir: Path | None = None
-    progress: bool = True
-    overwrite: bool = False
-
-    def validate(self) -> "TrainConfig":
-        self.manifest = Path(self.manifest)
-        self.out = Path(self.out)
-        if self.loss not in LOSSES:
-            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise InputError(f"--scale must be a positive number, got {self.scale!r}")
-        if not 0.0 <= self.margin < math.pi / 2:
-            raise InputError(f"--margin must be in [0, pi/2) radians, got {self.margin!r}")
-        if self.loss == "asm":
-            self.margin = 0.0  # ASM is the angular head without margin
-        if self.warmup_epochs and self.loss == "softmax":
-            raise InputError("--warmup-epochs applies to the angular losses (asm, amcl, dr-amcl), not softmax")
-        for name, low in (("epochs", 1), ("batch_size", 2), ("workers", 0), ("warmup_epochs", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"--lr must be a positive number, got {self.lr!r}")
-        if not isinstance(self.crop_size, int) or not 16 <= self.crop_size <= 2048:
-            raise InputError(f"--crop-size must be an integer in [16, 2048], got {self.crop_size!r}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise InputError(f"test fraction must be in (0, 1), got {self.test_fraction!r}")
-        if not 0.0 <= self.val_fraction < 1.0 - self.test_fraction:
-            raise InputError(f"--val-fraction must be in [0, {1 - self.test_fraction:g}), got {self.val_fraction!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.pretrained is not None:
-            self.pretrained = Path(self.pretrained)
-            if not self.pretrained.is_file():
-                raise InputError(f"--pretrained file not found: {self.pretrained}")
-        if self.test_patients is not None:
-            self.test_patients = sorted({str(p) for p in self.test_patients})
-        return self
-
-    def to_args(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else v)
-        if self.manifest:
-            out["manifest"] = str(Path(self.manifest).resolve())
-        return out
 
 
 class TrainStep(nn.Module):
@@ -229,16 +154,18 @@ def train_steps(step: nn.Module, optimizer: torch.optim.Optimizer, scaler, image
     return loss_sum, correct, seen
 
 
-def _check_resume(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    now = config.to_args()
-    for key in RESUME_KEYS:
+def _check_resume(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
+    """--resume continues only the same run: every option that shapes results must match (epochs may
+    grow). An option missing from an older checkpoint had its default then."""
+    saved = {**default_options(), **saved}
+    now = config.options()
+    for key in RESUME_OPTIONS:
         if saved.get(key) != now.get(key):
             raise InputError(f"--resume: {path} was trained with {key}={saved.get(key)!r}, not {now.get(key)!r}")
 
 
-def train_run(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> Path:
+def train_run(config: RunConfig, *, log: Callable[[str], None] | None = None) -> Path:
     """Train as `config` says; return the RUN directory (config.out)."""
-    config.validate()
     dist_info = _init_distributed(config.device)
     try:
         return _train(config, dist_info, log or _log_default)
@@ -247,7 +174,7 @@ def train_run(config: TrainConfig, *, log: Callable[[str], None] | None = None) 
             torch.distributed.destroy_process_group()
 
 
-def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) -> Path:
+def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> Path:
     main = dist_info.main
     say = log if main else (lambda _line: None)
     device = resolve_device(config.device)
@@ -260,7 +187,7 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
 
     # ---- resume state or a fresh split (before any crop is cut: a bad manifest fails fast)
     rows = read_manifest(config.manifest)
-    spec = PreprocessSpec(crop_size=config.crop_size)
+    spec = config.preprocess
     stage_of = {r.patient_id: r.stage for r in rows}
     pids, stages = list(stage_of), list(stage_of.values())
     state = None
@@ -333,7 +260,7 @@ def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) ->
         images = images.to(device)  # whole training set on the GPU: no per-batch copies
     labels = torch.from_numpy(train_data.labels).to(device)
     n_train = len(train_data)
-    args = config.to_args()
+    args = config.options()
     fields = dict(preprocess=spec, args=args, splits=splits, manifest=config.manifest)
 
     for epoch in range(start_epoch, config.epochs):

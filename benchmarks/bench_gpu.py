@@ -200,16 +200,16 @@ def training(backbone: str, size: int, batch: int, steps: int, device: torch.dev
 
 def trained_numerics(checkpoint: Path, device: torch.device, batch: int) -> dict:
     from liverstage.export.data import phantom_crops  # noqa: PLC0415
-    from liverstage.train.checkpoint import checkpoint_spec, load_checkpoint  # noqa: PLC0415
+    from liverstage.train.checkpoint import load_checkpoint  # noqa: PLC0415
 
     net, ckpt = load_checkpoint(checkpoint)
-    graph = InferenceGraph(net, scale=float(ckpt["scale"]), probs_source=probs_source_for(ckpt["loss"]),
+    graph = InferenceGraph(net, scale=ckpt.scale, probs_source=probs_source_for(ckpt.loss),
                            with_feature=False).to(device).eval()
-    crops = phantom_crops(checkpoint_spec(ckpt))
+    crops = phantom_crops(ckpt.preprocess)
     images = torch.from_numpy(crops.images).to(device)
     set_tf32(False)
     reference = outputs(graph, images, batch)
-    result = {"checkpoint": str(checkpoint), "backbone": ckpt["backbone"], "loss": ckpt["loss"],
+    result = {"checkpoint": str(checkpoint), "backbone": ckpt.backbone, "loss": ckpt.loss,
               "crops": len(crops), "patients": crops.n_patients, "source": crops.source}
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         if name == "fp16" and device.type != "cuda":

@@ -30,6 +30,7 @@ import torch
 from liverstage.train.data import draw_augmentation, epoch_generator
 from liverstage.train.model import build_model
 from liverstage.runtime.spec import PreprocessSpec
+from liverstage.train.checkpoint import read_checkpoint
 from liverstage.train.config import RunConfig
 from liverstage.train.trainer import TrainStep, train_run, train_steps
 
@@ -104,8 +105,7 @@ def pipeline_ratio(backbone: str, loss: str, size: int, batch: int, epochs: int,
                     batch_size=batch, preprocess=PreprocessSpec(crop_size=size), cache_dir=workdir / "cache",
                     progress=False, overwrite=True)
     train_run(cfg, log=lambda _l: None)
-    ckpt = torch.load(workdir / "run" / "last.pt", weights_only=True)
-    later = [r for r in ckpt["history"] if r["epoch"] >= 2]
+    later = [r for r in read_checkpoint(workdir / "run" / "last.pt").history if r["epoch"] >= 2]
     n_train = round(later[0]["crops_per_second"] * later[0]["seconds"])
     pipeline_cps = max(r["crops_per_second"] for r in later)  # best epoch, as for the reference
     # Reference: the bare loop over the same number of in-memory crops (same backbone, batch, size).

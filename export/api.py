@@ -119,7 +119,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
 
     import torch  # noqa: PLC0415
 
-    from liverstage.train.checkpoint import checkpoint_spec, load_checkpoint  # noqa: PLC0415
+    from liverstage.train.checkpoint import load_checkpoint  # noqa: PLC0415
 
     from . import calibration, data, fp16, int8, model_card, onnx_export, parity  # noqa: PLC0415
     from .graph import InferenceGraph, probs_source_for, torch_reference  # noqa: PLC0415
@@ -127,11 +127,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     if not checkpoint.is_file():
         raise InputError(f"checkpoint not found: {checkpoint}")
     net, ckpt = load_checkpoint(checkpoint)
-    spec = checkpoint_spec(ckpt)
+    spec = ckpt.preprocess
     checkpoint_sha = file_sha256(checkpoint)
-    loss = ckpt["loss"]
+    loss = ckpt.loss
     probs_source = probs_source_for(loss)
-    echo(f"checkpoint {checkpoint}: {ckpt['backbone']} + {loss}, crop {spec.crop_size} px, epoch {ckpt.get('epoch')}")
+    echo(f"checkpoint {checkpoint}: {ckpt.backbone} + {loss}, crop {spec.crop_size} px, epoch {ckpt.epoch}")
 
     crops = data.export_crops(ckpt, spec, calibration_manifest=options.calibration_manifest)
     echo(f"crops: parity {len(crops.parity)} from {crops.parity.source}; "
@@ -139,7 +139,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
          + (" (synthetic phantoms, not patients)" if crops.phantoms else ""))
 
     torch.manual_seed(0)
-    graph = InferenceGraph(net, scale=float(ckpt["scale"]), probs_source=probs_source).eval()
+    graph = InferenceGraph(net, scale=ckpt.scale, probs_source=probs_source).eval()
     temperature, temperature_info = 1.0, None
     if options.calibrate_temperature and crops.temperature is not None and len(set(crops.temperature.labels)) >= 2:
         ref_t = torch_reference(graph, crops.temperature.images)
@@ -157,7 +157,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
                  "chance, so its probabilities were flattened (the predicted stages are unchanged)")
     elif options.calibrate_temperature:
         echo("temperature 1 (no labelled validation crops with two or more stages to fit it on)")
-    graph = InferenceGraph(net, scale=float(ckpt["scale"]), temperature=temperature, probs_source=probs_source).eval()
+    graph = InferenceGraph(net, scale=ckpt.scale, temperature=temperature, probs_source=probs_source).eval()
 
     threshold = None
     if crops.threshold is not None and len(crops.threshold):
@@ -166,16 +166,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     extra = {
         "checkpoint_path": str(checkpoint.resolve()),
         "engine": options.engine,
-        "training_versions": {str(k): str(v) for k, v in (ckpt.get("versions") or {}).items()},
+        "training_versions": dict(ckpt.versions),
         "parity_crops_source": crops.parity.source,
         "parity_crops_are_phantoms": crops.phantoms,
     }
     if temperature_info is not None:
         extra["temperature_fit"] = temperature_info
     meta = ModelMetadata(
-        class_names=tuple(ckpt["class_names"]), preprocess=spec, backbone=str(ckpt["backbone"]), loss=str(loss),
-        scale=float(ckpt["scale"]), margin=float(ckpt["margin"]), temperature=float(temperature),
-        probs_source=probs_source, precision=options.precision, embedding_dim=int(ckpt["embedding_dim"]),
+        class_names=ckpt.class_names, preprocess=spec, backbone=ckpt.backbone, loss=loss,
+        scale=ckpt.scale, margin=ckpt.margin, temperature=float(temperature),
+        probs_source=probs_source, precision=options.precision, embedding_dim=ckpt.embedding_dim,
         checkpoint_sha256=checkpoint_sha, versions=package_versions(EXPORT_PACKAGES), cosine_threshold=threshold, extra=extra,
     )
 

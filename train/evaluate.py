@@ -154,11 +154,11 @@ def evaluate_checkpoint(model_path: str | os.PathLike, manifest: str | os.PathLi
     own PreprocessSpec; writes `out` (metrics JSON) and `predictions` (CSV) when given."""
     from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
 
-    from .checkpoint import checkpoint_spec, load_checkpoint  # noqa: PLC0415
+    from .checkpoint import load_checkpoint  # noqa: PLC0415
     from .data import default_cache_dir, load_crops  # noqa: PLC0415
 
-    model, ckpt = load_checkpoint(model_path)
-    spec = checkpoint_spec(ckpt)
+    model, checkpoint = load_checkpoint(model_path)
+    spec = checkpoint.preprocess
     rows = read_manifest(manifest)
     if patients is not None:
         wanted = {str(p) for p in patients}

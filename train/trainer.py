@@ -45,7 +45,7 @@ from liverstage.runtime.errors import InputError, LiverstageError
 from liverstage.runtime.manifest import read_manifest
 
 from .config import RESUME_OPTIONS, RunConfig, default_options
-from .checkpoint import checkpoint_dict, read_checkpoint_dict, write_checkpoint_dict
+from .checkpoint import Checkpoint, Splits, read_checkpoint, write_checkpoint
 from .data import CropData, augment, default_cache_dir, draw_augmentation, epoch_generator, load_crops
 from .evaluate import amp_dtype_for, autocast_context, evaluate_data, predictions_csv, resolve_device
 from .metrics import to_jsonable
@@ -192,10 +192,10 @@ def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> P
     pids, stages = list(stage_of), list(stage_of.values())
     state = None
     if config.resume and last_path.is_file():
-        state = read_checkpoint_dict(last_path)
-        _check_resume(state["args"], config, last_path)
-        splits = state["splits"]
-        say(f"resuming {run} after epoch {state['epoch']}")
+        state = read_checkpoint(last_path)
+        _check_resume(state.args, config, last_path)
+        splits = state.splits
+        say(f"resuming {run} after epoch {state.epoch}")
     else:
         if config.resume:
             say(f"nothing to resume in {run}; starting a new run")
@@ -208,7 +208,7 @@ def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> P
         else:
             train_ids, val_ids, test_ids = patient_split(pids, stages, test_fraction=config.test_fraction,
                                                          val_fraction=config.val_fraction, seed=config.seed)
-        splits = {"train": train_ids, "val": val_ids, "test": test_ids}
+        splits = Splits.from_mapping({"train": train_ids, "val": val_ids, "test": test_ids})
 
     # ---- data (rank 0 fills the cache first, the others then read it; a failure on rank 0
     # still reaches the barrier, so the other ranks meet the same error instead of hanging)
@@ -226,9 +226,9 @@ def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> P
     if not main:
         crops = load_crops(rows, spec, cache_dir=cache_dir, workers=0, progress=False)
     assert crops is not None
-    train_data, val_data, test_data = (crops.subset(splits[k]) for k in ("train", "val", "test"))
-    say(f"{len(crops)} crops of {len(pids)} patients; train {len(splits['train'])} patients / {len(train_data)} crops, "
-        f"val {len(splits['val'])} / {len(val_data)}, test {len(splits['test'])} / {len(test_data)}; device {device}"
+    train_data, val_data, test_data = crops.subset(splits.train), crops.subset(splits.val), crops.subset(splits.test)
+    say(f"{len(crops)} crops of {len(pids)} patients; train {len(splits.train)} patients / {len(train_data)} crops, "
+        f"val {len(splits.val)} / {len(val_data)}, test {len(splits.test)} / {len(test_data)}; device {device}"
         + (f" x{dist_info.world} processes" if dist_info.world > 1 else ""))
 
     # ---- model and optimiser
@@ -243,11 +243,11 @@ def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> P
     best: dict[str, Any] | None = None
     start_epoch = 0
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state.get("history") or [])
-        best = state.get("best")
-        start_epoch = int(state["epoch"])
+        model.load_state_dict(state.state_dict)
+        optimizer.load_state_dict(state.optimizer)
+        history = list(state.history or [])
+        best = state.best
+        start_epoch = state.epoch
     step: nn.Module = TrainStep(model)
     if dist_info.world > 1:
         step = nn.parallel.DistributedDataParallel(
@@ -314,10 +314,10 @@ def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> P
         history.append(row)
         if main:
             if improved:
-                write_checkpoint_dict(best_path, checkpoint_dict(model, epoch=epoch + 1, **fields))
-            last = checkpoint_dict(model, epoch=epoch + 1, **fields,
-                                   extra={"optimizer": optimizer.state_dict(), "history": history, "best": best})
-            write_checkpoint_dict(last_path, last)
+                write_checkpoint(best_path, Checkpoint.of_model(model, epoch=epoch + 1, **fields))
+            write_checkpoint(last_path, Checkpoint.of_model(model, epoch=epoch + 1, **fields,
+                                                            optimizer=optimizer.state_dict(), history=tuple(history),
+                                                            best=best))
             write_text(run / "history.csv", _history_csv(history))
             parts = [f"epoch {epoch + 1}/{config.epochs}", f"loss {row['train_loss']:.4f}",
                      f"acc {row['train_accuracy']:.3f}"]
@@ -340,7 +340,7 @@ def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> P
     if main:
         chosen = len(history)
         if len(val_data) and best is not None and best_path.is_file():
-            model.load_state_dict(read_checkpoint_dict(best_path)["state_dict"])
+            model.load_state_dict(read_checkpoint(best_path).state_dict)
             chosen = int(best["epoch"])
             say(f"selected epoch {chosen} on validation patients (accuracy {best['val_accuracy']:.3f})")
         metrics, raw = evaluate_data(model, test_data, batch_size=max(config.batch_size, 64), device=device)
@@ -348,8 +348,8 @@ def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> P
         metrics = to_jsonable(metrics)
         write_text(run / "predictions.csv", predictions_csv(test_data, raw["probs"], raw["cosine"]))
         write_json(run / "metrics.json", metrics)
-        write_checkpoint_dict(run / "model.pt", checkpoint_dict(model, epoch=chosen, metrics=metrics, **fields,
-                                                                extra={"distributed": ddp_info}))
+        write_checkpoint(run / "model.pt", Checkpoint.of_model(model, epoch=chosen, metrics=metrics, **fields,
+                                                                distributed=ddp_info))
         ci = metrics["accuracy_ci95"]
         ci_text = f" (95% CI {ci['low']:.2f}-{ci['high']:.2f})" if ci["low"] is not None else ""
         say(f"test: accuracy {metrics['accuracy']:.4f}{ci_text}  kappa {_fmt(metrics['kappa_quadratic'])}  "

@@ -52,13 +52,10 @@ def _prepare_out(out: Path) -> None:
 def _held_out_patient(run_dir: Path, manifest: Path) -> tuple[Path, Path, str, str]:
     """The first test patient of the run: its volume, mask, id and true stage."""
     import csv  # noqa: PLC0415
-    import json  # noqa: PLC0415
 
-    test_ids = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("test_patients")
-    if not test_ids:
-        import torch  # noqa: PLC0415
+    from liverstage.train.checkpoint import read_checkpoint  # noqa: PLC0415
 
-        test_ids = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["splits"]["test"]
+    test_ids = read_checkpoint(run_dir / "model.pt").splits.test
     with manifest.open(newline="", encoding="utf-8") as fh:
         rows = {row["patient_id"]: row for row in csv.DictReader(fh)}
     row = rows[sorted(test_ids)[0]]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from liverstage.export.graph import InferenceGraph, probs_source_for
+from liverstage.runtime.atomic import write_json
 from liverstage.runtime.bench import percentiles, time_calls
+from liverstage.runtime.jsonsafe import json_safe
 from liverstage.train.evaluate import amp_dtype_for
 from liverstage.train.model import build_model
 from liverstage.train.trainer import TrainStep, train_steps
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
                       f"{100 * n['stage_agreement']:.1f} %, accuracy {n['accuracy']:.3f} (fp32 {n['accuracy_fp32']:.3f})")
 
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+        write_json(args.json, json_safe(results))
         print(f"\nwrote {args.json}")
     return 0
 

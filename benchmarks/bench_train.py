@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ import torch
 
 from liverstage.train.data import draw_augmentation, epoch_generator
 from liverstage.train.model import build_model
+from liverstage.runtime.atomic import write_json
+from liverstage.runtime.jsonsafe import json_safe
 from liverstage.runtime.spec import PreprocessSpec
 from liverstage.train.checkpoint import read_checkpoint
 from liverstage.train.config import RunConfig
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         results["throughput"] = rows
 
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, json_safe(results))
     return 0
 
 

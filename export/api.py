@@ -14,13 +14,14 @@ Order of work (cheap checks first, nothing written until everything is computed)
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+from liverstage.runtime import checks
 from liverstage.runtime.atomic import write_bytes, write_json
 from liverstage.runtime.errors import InputError
+from liverstage.runtime.jsonsafe import json_safe
 from liverstage.runtime.provenance import file_sha256, package_versions
 from liverstage.runtime.model_meta import PRECISIONS, ModelMetadata
 
@@ -49,9 +50,7 @@ class ExportOptions:
         if self.fmt not in FORMATS:
             raise InputError(f"unknown format {self.fmt!r} (expected one of {', '.join(FORMATS)})")
         for name in ("batch_min", "batch_opt", "batch_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            checks.integer(getattr(self, name), "--" + name.replace("_", "-"), low=1)
         if self.batch_min > self.batch_opt:
             raise InputError(f"--batch-min {self.batch_min} is larger than --batch-opt {self.batch_opt}")
         if self.batch_opt > self.batch_max:
@@ -92,17 +91,6 @@ def check_out_path(out: Path, options: ExportOptions) -> None:
 
 
 EXPORT_PACKAGES = ("liverstage", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "numpy")
-
-
-def json_safe(value: Any) -> Any:
-    """Non-finite floats -> strings, so the parity JSON stays strict JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, options: ExportOptions, *,
@@ -200,8 +188,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     figures["targets"] = parity.TARGETS[options.precision]
     figures["targets_met"] = not failures
     echo(parity.format_report(options.precision, figures, failures))
-    meta = meta.replace(extra={**meta.extra, "parity": {k: figures[k] for k in (
-        "n_crops", "max_abs_delta_cosine", "stage_agreement") if isinstance(figures.get(k), (int, float))}})
+    meta = meta.replace(extra={**meta.extra, "parity": json_safe({k: figures[k] for k in (
+        "n_crops", "max_abs_delta_cosine", "stage_agreement") if isinstance(figures.get(k), (int, float))})})
     onnx_export.set_metadata(model, meta)
     model_bytes = onnx_export.to_bytes(model)
     report = json_safe({"precision": options.precision, "checkpoint": str(checkpoint.resolve()),

@@ -20,6 +20,7 @@ import torch
 
 from liverstage.runtime.atomic import atomic_path
 from liverstage.runtime.errors import InputError, ModelError
+from liverstage.runtime.jsonsafe import json_safe
 from liverstage.runtime.provenance import package_versions
 from liverstage.runtime.spec import PreprocessSpec
 from liverstage.runtime.stages import STAGES
@@ -34,21 +35,6 @@ READABLE_VERSIONS = (1,)
 # Packages that shape a trained model (their versions are recorded in every checkpoint).
 TRAIN_PACKAGES = ("liverstage", "torch", "torchvision", "numpy", "scikit-learn", "nibabel")
 SPLIT_NAMES = ("train", "val", "test")
-
-
-def _plain(value: Any) -> Any:
-    """Coerce to types torch.load(weights_only=True) accepts (paths -> str, tuples -> lists)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None or isinstance(value, torch.Tensor):
-        return value
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    return str(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +64,7 @@ class Checkpoint:
     """One trained model with everything needed to use, export, evaluate or resume it.
 
     args: the run's options (`RunConfig.options()`; empty for a model not made by the trainer).
+    args and metrics hold plain JSON values (runtime/jsonsafe.py), which weights_only loading accepts.
     manifest: the training manifest's absolute path at training time ("" if none).
     distributed (model.pt): world size and each rank's weight checksum.
     optimizer, history, best (last.pt): the Adam state, one row per epoch and the best
@@ -113,10 +100,10 @@ class Checkpoint:
         return cls(
             state_dict={k: v.detach().cpu().clone() for k, v in raw.state_dict().items()},
             backbone=raw.backbone_name, loss=raw.loss_name, scale=float(raw.scale), margin=float(raw.margin),
-            embedding_dim=int(raw.embedding_dim), preprocess=preprocess, epoch=int(epoch), args=_plain(dict(args)),
+            embedding_dim=int(raw.embedding_dim), preprocess=preprocess, epoch=int(epoch), args=json_safe(dict(args)),
             versions=package_versions(TRAIN_PACKAGES), splits=Splits.from_mapping(splits),
             manifest=str(Path(manifest).resolve()) if manifest else "",
-            metrics=_plain(dict(metrics)) if metrics is not None else None, **extra,
+            metrics=json_safe(dict(metrics)) if metrics is not None else None, **extra,
         )
 
     def replace(self, **changes: Any) -> "Checkpoint":
@@ -135,12 +122,12 @@ class Checkpoint:
             "embedding_dim": int(self.embedding_dim),
             "class_names": list(self.class_names),
             "preprocess": self.preprocess.to_dict(),
-            "args": _plain(self.args),
+            "args": json_safe(self.args),
             "versions": dict(self.versions),
             "splits": self.splits.to_dict(),
             "manifest": self.manifest,
             "epoch": int(self.epoch),
-            "metrics": _plain(self.metrics) if self.metrics is not None else None,
+            "metrics": json_safe(self.metrics) if self.metrics is not None else None,
         }
         # Stored as given: the optimizer's state is keyed by parameter index (int), not by name.
         for name in ("distributed", "optimizer", "history", "best"):

@@ -27,7 +27,6 @@ Protocol:
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..runtime.atomic import write_json, write_text
 from ..runtime.errors import InputError
 from ..runtime.provenance import file_sha256
 from ..runtime import checks
+from ..runtime.jsonsafe import json_safe
 from .config import (LOSSES, MARGIN_LOSSES, NON_RESULT_OPTIONS, PER_RUN_OPTIONS, RunConfig, default_options,
                      option_names, refuse_unknown)
 from .tables import RunResult, build_tables, method_label
@@ -115,24 +115,6 @@ def methods_for(config: ExperimentConfig) -> list[Method]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):
-        return _jsonable(value.item())
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return str(value)
-
-
 def effective_train_options(config: ExperimentConfig) -> dict:
     """Every train option as it will be used (RunConfig defaults overlaid with the given ones),
     without the per-run options."""
@@ -148,7 +130,7 @@ def pinned_settings(config: ExperimentConfig) -> dict:
         "manifest_sha256": file_sha256(Path(config.manifest)),
         "seed": int(config.seed),
         "test_fraction": float(config.test_fraction),
-        "train_options": _jsonable({k: v for k, v in sorted(options.items()) if k not in NON_RESULT_OPTIONS}),
+        "train_options": json_safe({k: v for k, v in sorted(options.items()) if k not in NON_RESULT_OPTIONS}),
     }
 
 
@@ -163,7 +145,7 @@ def _check_or_write_settings(config: ExperimentConfig) -> None:
         old = dict(stored.get("pinned", {}))
         # A trainer option added after the experiment was started did not exist then; its default
         # is what those runs used, so it is not a change. (A removed option is ignored likewise.)
-        defaults = _jsonable(_DEFAULTS)
+        defaults = json_safe(_DEFAULTS)
         old_opts = dict(old.get("train_options") or {})
         new_opts = pinned["train_options"]
         for key in set(new_opts) - set(old_opts):
@@ -233,7 +215,7 @@ def metrics_from_predictions(run_dir: Path) -> dict:
     from .plots import read_predictions  # noqa: PLC0415
 
     pred = read_predictions(Path(run_dir) / "predictions.csv")
-    return _jsonable(compute_metrics(pred["labels"], pred["probs"], pred["patient_ids"]))
+    return json_safe(compute_metrics(pred["labels"], pred["probs"], pred["patient_ids"]))
 
 
 def _train_config(config: ExperimentConfig, method: Method, run: int, run_dir: Path, test_ids: list[str],
@@ -358,7 +340,7 @@ def write_outputs(config: ExperimentConfig, results: list[RunResult], splits: di
         "settings": {
             "backbones": list(config.backbones), "losses": list(config.losses),
             "margins": [float(m) for m in config.margins], "runs": int(config.runs), "seed": int(config.seed),
-            "test_fraction": float(config.test_fraction), "train_options": _jsonable(effective_train_options(config)),
+            "test_fraction": float(config.test_fraction), "train_options": json_safe(effective_train_options(config)),
         },
         "metrics_source": "train.metrics.compute_metrics on each run's predictions.csv",
         "std": "sample standard deviation over runs (ddof=1)",
@@ -367,8 +349,8 @@ def write_outputs(config: ExperimentConfig, results: list[RunResult], splits: di
         "splits": {str(r): {"seed": s["seed"], "test": s["test"]} for r, s in splits.items()},
         "runs": [dict(r.to_dict(), method=method_label(r.backbone, r.loss, r.margin, show_margin=show_margin))
                  for r in results],
-        "paired_vs_softmax": _jsonable(paired),
+        "paired_vs_softmax": json_safe(paired),
         "files": written,
     }
-    write_json(out / "results.json", _jsonable(summary))
+    write_json(out / "results.json", json_safe(summary))
     return summary

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from liverstage.runtime import checks
+
 # Floor on DR-AMCL's numerator, relative to its own first term e^{s cos(theta_y + m)}.
 DR_NUMERATOR_FLOOR = 1e-4
 # sin(theta) is clamped at sqrt(_SIN2_MIN) so that d sin / d cos stays finite at cos = +-1.
@@ -111,14 +113,10 @@ class AngularMarginLoss(nn.Module):
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim!r}")
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
-        if not float(scale) > 0 or not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
-        if not 0.0 <= float(margin) < math.pi / 2:
-            raise ValueError(f"margin must be in [0, pi/2) radians, got {margin!r}")
         self.embedding_dim = int(embedding_dim)
         self.num_classes = int(num_classes)
-        self.scale = float(scale)
-        self.margin = float(margin)
+        self.scale = checks.positive(scale, "scale")
+        self.margin = checks.margin(margin, "margin")
         self.dynamic = bool(dynamic)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim))
         # Gaussian rows point in uniformly random directions: nearly orthogonal classes at start.

@@ -42,13 +42,13 @@ from torch import nn
 
 from liverstage.runtime.atomic import write_json, write_text
 from liverstage.runtime.errors import InputError, LiverstageError
+from liverstage.runtime.jsonsafe import json_safe
 from liverstage.runtime.manifest import read_manifest
 
 from .config import RESUME_OPTIONS, RunConfig, default_options
 from .checkpoint import Checkpoint, Splits, read_checkpoint, write_checkpoint
 from .data import CropData, augment, default_cache_dir, draw_augmentation, epoch_generator, load_crops
 from .evaluate import amp_dtype_for, autocast_context, evaluate_data, predictions_csv, resolve_device
-from .metrics import to_jsonable
 from .model import StagingNet, build_model
 from .splits import patient_split, split_with_test
 
@@ -345,7 +345,7 @@ def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> P
             say(f"selected epoch {chosen} on validation patients (accuracy {best['val_accuracy']:.3f})")
         metrics, raw = evaluate_data(model, test_data, batch_size=max(config.batch_size, 64), device=device)
         metrics["epoch"] = chosen
-        metrics = to_jsonable(metrics)
+        metrics = json_safe(metrics)
         write_text(run / "predictions.csv", predictions_csv(test_data, raw["probs"], raw["cosine"]))
         write_json(run / "metrics.json", metrics)
         write_checkpoint(run / "model.pt", Checkpoint.of_model(model, epoch=chosen, metrics=metrics, **fields,

@@ -81,6 +81,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console  # noqa: PLC0415
 
         from ..atomic import write_json  # noqa: PLC0415
+        from ..jsonsafe import json_safe  # noqa: PLC0415
         from ..bench import BenchConfig, run_bench  # noqa: PLC0415
 
         if device not in ("auto", "cpu", "cuda"):
@@ -92,5 +93,5 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         result = run_bench(cfg, log=(lambda s: None) if quiet else (lambda s: err.print(s, highlight=False)))
         if json_out is not None:
-            write_json(json_out, result)
+            write_json(json_out, json_safe(result))
         print_bench(result)

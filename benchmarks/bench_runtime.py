@@ -1,4 +1,4 @@
-"""Issue 6 runtime targets, each printed as a ratio against a reference measured in the same run.
+"""The runtime targets, each printed as a ratio against a reference measured in the same run.
 
     python benchmarks/bench_runtime.py [--threads N] [--iters 10] [--warmup 3] [--out DIR] [--json F]
 

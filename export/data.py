@@ -1,6 +1,6 @@
 """Real crops for export-time checks: parity, INT8 calibration, temperature, cosine threshold.
 
-Where they come from, in order (issue 5):
+Where they come from, in order:
 1. `--calibration-manifest M`: every crop of M (parity, calibration, temperature).
 2. The checkpoint's own manifest, when it is still reachable: training patients for INT8
    calibration and the cosine threshold, validation patients for the temperature, validation

@@ -1,4 +1,4 @@
-"""MODEL_CARD.md + model_card.json beside every exported model (issue 7).
+"""MODEL_CARD.md + model_card.json beside every exported model.
 
 The fields follow MONAI's bundle `metadata.json` (name, version, task, description, intended use,
 data source/type, label classes, eval metrics, network_data_format inputs/outputs, versions,

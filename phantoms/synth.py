@@ -226,13 +226,13 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     signs = _stage_signs(rng, stage)
     body = _body_geometry(rng, in_plane, slices)
     cv = body.canvas(in_plane)
-    tissue = _tissues(rng)
-    f_inner = _paint_body(rng, cv, body, tissue)
-    _paint_posterior(cv, body, tissue, f_inner)
-    _paint_kidneys(rng, cv, body, tissue)
-    _paint_spleen(rng, cv, body, tissue, signs, f_inner)
-    liver = _paint_liver(rng, cv, body, tissue, signs, f_inner)
-    mask = _paint_over_liver(rng, cv, body, tissue, liver)
+    values = _intensities(rng)
+    f_inner = _paint_body(rng, cv, body, values)
+    _paint_posterior(cv, body, values, f_inner)
+    _paint_kidneys(rng, cv, body, values)
+    _paint_spleen(rng, cv, body, values, signs, f_inner)
+    liver = _paint_liver(rng, cv, body, values, signs, f_inner)
+    mask = _paint_over_liver(rng, cv, body, values, liver)
     data, sigma = _acquire(rng, cv, body.fov)
     stored, stored_mask, stored_affine = _store(rng, cv, data, mask, body.dz)
     params = {
@@ -321,8 +321,8 @@ def _body_geometry(rng: np.random.Generator, in_plane: int, slices: int) -> _Bod
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tissues:
-    """T1-like tissue values: fat bright, fluid and flowing blood dark."""
+class _Intensities:
+    """T1-like intensities: fat bright, fluid and flowing blood dark."""
 
     contrast: float
     fat: float
@@ -336,7 +336,7 @@ class _Tissues:
     vessel: float
 
 
-def _tissues(rng: np.random.Generator) -> _Tissues:
+def _intensities(rng: np.random.Generator) -> _Intensities:
     u = rng.uniform
     contrast = u(0.8, 1.2)
     base = 0.38
@@ -348,11 +348,11 @@ def _tissues(rng: np.random.Generator) -> _Tissues:
     v_liver = tissue(u(0.5, 0.62))
     v_spleen = float(v_liver * u(0.7, 0.86))
     v_kidney, v_marrow, v_fluid, v_vessel = tissue(0.44), tissue(0.62), tissue(0.12), tissue(0.1)
-    return _Tissues(contrast=contrast, fat=v_fat, visc=v_visc, muscle=v_muscle, liver=v_liver, spleen=v_spleen,
+    return _Intensities(contrast=contrast, fat=v_fat, visc=v_visc, muscle=v_muscle, liver=v_liver, spleen=v_spleen,
                     kidney=v_kidney, marrow=v_marrow, fluid=v_fluid, vessel=v_vessel)
 
 
-def _paint_body(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _Tissues) -> np.ndarray:
+def _paint_body(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities) -> np.ndarray:
     """Fat ring, textured visceral inside; returns the signed distance to the inner body wall."""
     full = (slice(None), slice(None), slice(None))
     X, Y, Z = cv.coords(full)
@@ -362,28 +362,28 @@ def _paint_body(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _Tis
     r_body = np.sqrt(((X - body.bx) / az) ** 2 + ((Y - body.by) / bz) ** 2)
     f_body = (r_body - 1.0) * np.minimum(az, bz)
     f_inner = f_body + body.tf
-    cv.paint(full, cv.frac(f_body), tissue.fat)
+    cv.paint(full, cv.frac(f_body), values.fat)
     visc_tex = _smooth_noise(rng, (cv.x, cv.y, cv.z), rng.uniform(12.0, 22.0))
-    cv.paint(full, cv.frac(f_inner), tissue.visc * (1.0 + 0.12 * tissue.contrast * visc_tex))
+    cv.paint(full, cv.frac(f_inner), values.visc * (1.0 + 0.12 * values.contrast * visc_tex))
     return f_inner
 
 
-def _paint_posterior(cv: _Canvas, body: _Body, tissue: _Tissues, f_inner: np.ndarray) -> None:
+def _paint_posterior(cv: _Canvas, body: _Body, values: _Intensities, f_inner: np.ndarray) -> None:
     """Paraspinal muscles, vertebra (marrow), spinal canal and aorta."""
     post, bx = body.post, body.bx
     for side in (-1, 1):
         c = (bx + side * 38.0, post + 22.0)
         blk = cv.block((c[0], c[1], 0.0), (32.0, 26.0, 1e6))
         Xb, Yb, _ = cv.coords(blk)
-        cv.paint(blk, cv.frac(np.maximum(_cylinder(Xb, Yb, c, (30.0, 24.0)), f_inner[blk])), tissue.muscle)
-    for c, r, v in (((bx, post + 45.0), 17.0, tissue.marrow), ((bx, post + 17.0), 7.0, tissue.fluid),
-                    ((bx - 20.0, post + 75.0), 11.0, tissue.vessel)):
+        cv.paint(blk, cv.frac(np.maximum(_cylinder(Xb, Yb, c, (30.0, 24.0)), f_inner[blk])), values.muscle)
+    for c, r, v in (((bx, post + 45.0), 17.0, values.marrow), ((bx, post + 17.0), 7.0, values.fluid),
+                    ((bx - 20.0, post + 75.0), 11.0, values.vessel)):
         blk = cv.block((c[0], c[1], 0.0), (r, r, 1e6))
         Xb, Yb, _ = cv.coords(blk)
         cv.paint(blk, cv.frac(_cylinder(Xb, Yb, c, (r, r))), v)
 
 
-def _paint_kidneys(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _Tissues) -> None:
+def _paint_kidneys(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities) -> None:
     """Both kidneys (the right one lower), each with a darker sinus."""
     u = rng.uniform
     for side, dzk in ((-1, -60.0), (1, -78.0)):
@@ -393,11 +393,11 @@ def _paint_kidneys(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _
         if blk is not None:
             Xb, Yb, Zb = cv.coords(blk)
             f = _ellipsoid(Xb, Yb, Zb, c, ax)
-            cv.paint(blk, cv.frac(f), tissue.kidney)
-            cv.paint(blk, cv.frac(f + 0.45 * min(ax)), tissue.fluid * 1.5)  # sinus
+            cv.paint(blk, cv.frac(f), values.kidney)
+            cv.paint(blk, cv.frac(f + 0.45 * min(ax)), values.fluid * 1.5)  # sinus
 
 
-def _paint_spleen(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _Tissues, signs: _Signs,
+def _paint_spleen(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities, signs: _Signs,
                   f_inner: np.ndarray) -> None:
     """The spleen on the patient's left (low x); its size grows with the stage."""
     u = rng.uniform
@@ -406,7 +406,7 @@ def _paint_spleen(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _T
     blk = cv.block(c, ax)
     if blk is not None:
         Xb, Yb, Zb = cv.coords(blk)
-        cv.paint(blk, cv.frac(np.maximum(_ellipsoid(Xb, Yb, Zb, c, ax), f_inner[blk] + 2.0)), tissue.spleen)
+        cv.paint(blk, cv.frac(np.maximum(_ellipsoid(Xb, Yb, Zb, c, ax), f_inner[blk] + 2.0)), values.spleen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +421,7 @@ class _Liver:
     cell: float  # nodule size (mm)
 
 
-def _paint_liver(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _Tissues, signs: _Signs,
+def _paint_liver(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities, signs: _Signs,
                  f_inner: np.ndarray) -> _Liver:
     """Right lobe + left lobe + caudate, smooth union, kept inside the body wall, with nodules,
     septa and heterogeneity."""
@@ -467,11 +467,11 @@ def _paint_liver(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _Ti
     gain[near] += septa + nodule_val + texture
     inside = liver_frac[near] >= 0.5
     gain /= np.float32(gain[near][inside].mean() if inside.any() else 1.0)  # mean not a stage cue
-    cv.paint(blk, liver_frac, tissue.liver * gain)
+    cv.paint(blk, liver_frac, values.liver * gain)
     return _Liver(blk=blk, coords=(Xb, Yb, Zb), frac=liver_frac, lx=lx, ly=ly, cell=cell)
 
 
-def _paint_over_liver(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue: _Tissues,
+def _paint_over_liver(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities,
                       liver: _Liver) -> np.ndarray:
     """IVC, hepatic veins and gallbladder, drawn over the liver and kept out of its mask; returns
     the liver mask (uint8, canonical)."""
@@ -483,19 +483,19 @@ def _paint_over_liver(rng: np.random.Generator, cv: _Canvas, body: _Body, tissue
     ivc = (lx - a * 0.22, body.post + u(62.0, 72.0))
     f = _cylinder(Xb, Yb, ivc, (12.0, 10.0))
     m = cv.frac(f)
-    cv.paint(blk, m, tissue.vessel)
+    cv.paint(blk, m, values.vessel)
     others = np.maximum(others, m)
     for _ in range(3):
         c = (lx + u(-0.5, 0.3) * a * 0.5, ly + u(-0.4, 0.4) * b * 0.5)
         r = u(3.0, 6.0)
         m = cv.frac(_cylinder(Xb, Yb, c, (r, r))) * cv.frac(np.abs(Zb - lz - 20.0) - 50.0) * liver_frac
-        cv.paint(blk, m, tissue.vessel * 1.2)
+        cv.paint(blk, m, values.vessel * 1.2)
         others = np.maximum(others, m)
     if u() < 0.7:
         c = (lx - a * u(0.15, 0.25), ly + b * u(0.15, 0.3), lz - u(35.0, 55.0))
         ax = (u(11.0, 17.0), u(14.0, 22.0), u(25.0, 40.0))
         m = cv.frac(_ellipsoid(Xb, Yb, Zb, c, ax))
-        cv.paint(blk, m, tissue.fluid)
+        cv.paint(blk, m, values.fluid)
         others = np.maximum(others, m)
     mask = np.zeros(cv.img.shape, dtype=np.uint8)
     mask[blk] = (liver_frac * (1.0 - others) >= 0.5).astype(np.uint8)

@@ -5,7 +5,7 @@ calling it with `(embeddings [N, D], labels [N])` returns the mean loss over the
 `logits(embeddings)` gives the inference scores (no margin), `cosine(embeddings)` the cosine of
 each embedding to each class weight.
 
-Numerics (see DESIGN.md "Numerics worth knowing"):
+Numerics (see docs/architecture.md, "Numerics worth knowing"):
 - The angular heads always run in float32 with autocast disabled: a 2048-d ReLU feature's sum of
   squares overflows float16, and F.normalize's eps rounds to 0 there.
 - cos(theta + m) is computed as cos(t) cos(m) - sin(t) sin(m) with sin(t) = sqrt(1 - cos^2 t)

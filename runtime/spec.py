@@ -48,8 +48,8 @@ class PreprocessSpec:
     percentile_high: float = dataclasses.field(
         default=99.5, metadata=_help("Percentile inside the region mapped to 1."))
     clip_low: float = dataclasses.field(
-        default=-0.5, metadata=_help("Normalised values are clipped to [clip-low, clip-high]."))
-    clip_high: float = dataclasses.field(default=1.5, metadata=_help("Upper end of the clip range."))
+        default=-0.5, metadata=_help("Normalised values below this are raised to it."))
+    clip_high: float = dataclasses.field(default=1.5, metadata=_help("Normalised values above this are lowered to it."))
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:

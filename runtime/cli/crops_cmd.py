@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         """Write the normalised liver crops of VOLUME as 8-bit PNG (what the model sees).
 
         Give the liver region with one of --mask, --bbox or --roi auto. PNG grey levels map the
-        spec's clip range [clip_low, clip_high] to 0..255 (so 0..1 of the normalised range is
+        spec's clip range (clip_low to clip_high) to 0..255 (so 0..1 of the normalised range is
         the middle half). crops.csv lists each crop's canonical slice and box; spec.json is the
         PreprocessSpec used. Rows run anterior -> posterior, the patient's right on the left.
         """

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from liverstage.export.graph import InferenceGraph, probs_source_for
+from liverstage.runtime.atomic import write_json
 from liverstage.runtime.bench import percentiles, time_calls
+from liverstage.runtime.jsonsafe import json_safe
 from liverstage.train.evaluate import amp_dtype_for
 from liverstage.train.model import build_model
 from liverstage.train.trainer import TrainStep, train_steps
@@ -200,16 +201,16 @@ def training(backbone: str, size: int, batch: int, steps: int, device: torch.dev
 
 def trained_numerics(checkpoint: Path, device: torch.device, batch: int) -> dict:
     from liverstage.export.data import phantom_crops  # noqa: PLC0415
-    from liverstage.train.checkpoint import checkpoint_spec, load_checkpoint  # noqa: PLC0415
+    from liverstage.train.checkpoint import load_checkpoint  # noqa: PLC0415
 
     net, ckpt = load_checkpoint(checkpoint)
-    graph = InferenceGraph(net, scale=float(ckpt["scale"]), probs_source=probs_source_for(ckpt["loss"]),
+    graph = InferenceGraph(net, scale=ckpt.scale, probs_source=probs_source_for(ckpt.loss),
                            with_feature=False).to(device).eval()
-    crops = phantom_crops(checkpoint_spec(ckpt))
+    crops = phantom_crops(ckpt.preprocess)
     images = torch.from_numpy(crops.images).to(device)
     set_tf32(False)
     reference = outputs(graph, images, batch)
-    result = {"checkpoint": str(checkpoint), "backbone": ckpt["backbone"], "loss": ckpt["loss"],
+    result = {"checkpoint": str(checkpoint), "backbone": ckpt.backbone, "loss": ckpt.loss,
               "crops": len(crops), "patients": crops.n_patients, "source": crops.source}
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         if name == "fp16" and device.type != "cuda":
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
                       f"{100 * n['stage_agreement']:.1f} %, accuracy {n['accuracy']:.3f} (fp32 {n['accuracy_fp32']:.3f})")
 
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+        write_json(args.json, json_safe(results))
         print(f"\nwrote {args.json}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Runtime targets, each printed as a ratio against a reference measured in the same run.
+"""The runtime targets, each printed as a ratio against a reference measured in the same run.
 
     python benchmarks/bench_runtime.py [--threads N] [--iters 10] [--warmup 3] [--out DIR] [--json F] [--parts 1,2,3,4,5]
 
@@ -160,11 +160,13 @@ def main() -> None:
 
 def speed(figures: dict, args, ckpt: Path, fp32: Path, int8: Path) -> None:
     from liverstage.runtime.bench import BenchConfig, run_bench
+    from liverstage.train.reference import TorchEager
 
     print(f"\n[1, 2] ResNet18 at 224 px, batch 16, {args.threads} thread(s), {args.warmup} warm-up + {args.iters} runs",
           flush=True)
     cfg = BenchConfig(model=fp32, backends=("torch", "onnx", "onnx-int8"), batch_sizes=(16,), warmup=args.warmup,
-                      iters=args.iters, threads=args.threads, int8_model=int8, checkpoint=ckpt)
+                      iters=args.iters, threads=args.threads, int8_model=int8, checkpoint=ckpt,
+                      torch_reference=TorchEager)
     bench = run_bench(cfg, log=lambda s: print("  " + s, flush=True))
     rows = {r["backend"]: r for r in bench["results"] if not r["skipped"]}
     for r in bench["results"]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,12 @@ import torch
 
 from liverstage.train.data import draw_augmentation, epoch_generator
 from liverstage.train.model import build_model
-from liverstage.train.trainer import TrainConfig, TrainStep, train_run, train_steps
+from liverstage.runtime.atomic import write_json
+from liverstage.runtime.jsonsafe import json_safe
+from liverstage.runtime.spec import PreprocessSpec
+from liverstage.train.checkpoint import read_checkpoint
+from liverstage.train.config import RunConfig
+from liverstage.train.trainer import TrainStep, train_run, train_steps
 
 
 def bare_loop(model, optimizer, images, labels, batches) -> None:
@@ -98,11 +102,11 @@ def pipeline_ratio(backbone: str, loss: str, size: int, batch: int, epochs: int,
     from liverstage.phantoms.synth import synth_cohort  # noqa: PLC0415
 
     manifest = synth_cohort(workdir / "phantoms", patients=patients, seed=0, in_plane=in_plane, slices=slices)
-    cfg = TrainConfig(manifest=manifest, out=workdir / "run", backbone=backbone, loss=loss, epochs=epochs,
-                      batch_size=batch, crop_size=size, cache_dir=workdir / "cache", progress=False, overwrite=True)
+    cfg = RunConfig(manifest=manifest, out=workdir / "run", backbone=backbone, loss=loss, epochs=epochs,
+                    batch_size=batch, preprocess=PreprocessSpec(crop_size=size), cache_dir=workdir / "cache",
+                    progress=False, overwrite=True)
     train_run(cfg, log=lambda _l: None)
-    ckpt = torch.load(workdir / "run" / "last.pt", weights_only=True)
-    later = [r for r in ckpt["history"] if r["epoch"] >= 2]
+    later = [r for r in read_checkpoint(workdir / "run" / "last.pt").history if r["epoch"] >= 2]
     n_train = round(later[0]["crops_per_second"] * later[0]["seconds"])
     pipeline_cps = max(r["crops_per_second"] for r in later)  # best epoch, as for the reference
     # Reference: the bare loop over the same number of in-memory crops (same backbone, batch, size).
@@ -195,7 +199,7 @@ def main(argv=None) -> int:
         results["throughput"] = rows
 
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, json_safe(results))
     return 0
 
 

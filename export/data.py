@@ -1,6 +1,6 @@
 """Real crops for export-time checks: parity, INT8 calibration, temperature, cosine threshold.
 
-Where they come from, in order (issue 5):
+Where they come from, in order:
 1. `--calibration-manifest M`: every crop of M (parity, calibration, temperature).
 2. The checkpoint's own manifest, when it is still reachable: training patients for INT8
    calibration and the cosine threshold, validation patients for the temperature, validation
@@ -97,27 +97,20 @@ def is_phantom_manifest(path: str | Path | None) -> bool:
     return path is not None and (Path(path).parent / "PHANTOMS_NOT_PATIENTS.txt").exists()
 
 
-def checkpoint_manifest(ckpt: dict) -> Path | None:
-    """The checkpoint's manifest when it is still on disk."""
-    text = ckpt.get("manifest") or ""
-    path = Path(text) if text else None
-    return path if path is not None and path.is_file() else None
-
-
-def export_crops(ckpt: dict, spec: PreprocessSpec, *, calibration_manifest: str | Path | None = None,
+def export_crops(ckpt, spec: PreprocessSpec, *, calibration_manifest: str | Path | None = None,
                  max_crops: int = MAX_CROPS) -> ExportCrops:
     """Pick the crop sets for one export (see the module docstring for the order)."""
     from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
 
-    own = checkpoint_manifest(ckpt)
-    splits = {name: set(ckpt.get("splits", {}).get(name) or []) for name in ("train", "val", "test")}
+    own = ckpt.manifest_path()
+    splits = ckpt.splits
     everyone = None
-    if own is not None and splits["train"]:
+    if own is not None and splits.train:
         try:  # every crop of the checkpoint's patients, read once
-            everyone = crops_from_rows(_rows_for(own, set().union(*splits.values())), spec, source=str(own))
+            everyone = crops_from_rows(_rows_for(own, splits.everyone()), spec, source=str(own))
         except InputError:
             everyone = None  # moved or changed files: fall back below
-    threshold = (everyone.select(splits["train"], f"training patients of {own}").subsample(max_crops)
+    threshold = (everyone.select(set(splits.train), f"training patients of {own}").subsample(max_crops)
                  if everyone is not None else None)
     if threshold is not None and not len(threshold):
         threshold = None
@@ -127,8 +120,8 @@ def export_crops(ckpt: dict, spec: PreprocessSpec, *, calibration_manifest: str 
         return ExportCrops(parity=crops, calibration=crops, temperature=crops, threshold=threshold,
                            phantoms=is_phantom_manifest(path))
     if threshold is not None:
-        held_out = everyone.select(splits["val"] | splits["test"], f"validation/test patients of {own}")
-        val = everyone.select(splits["val"], f"validation patients of {own}")
+        held_out = everyone.select(set(splits.val) | set(splits.test), f"validation/test patients of {own}")
+        val = everyone.select(set(splits.val), f"validation patients of {own}")
         return ExportCrops(parity=(held_out if len(held_out) else threshold).subsample(max_crops),
                            calibration=threshold,
                            temperature=val.subsample(max_crops) if len(val) else None,

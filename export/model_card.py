@@ -1,4 +1,4 @@
-"""MODEL_CARD.md + model_card.json beside every exported model (issue 7).
+"""MODEL_CARD.md + model_card.json beside every exported model.
 
 The fields follow MONAI's bundle `metadata.json` (name, version, task, description, intended use,
 data source/type, label classes, eval metrics, network_data_format inputs/outputs, versions,
@@ -19,6 +19,7 @@ from typing import Any
 from liverstage.runtime.atomic import write_json, write_text
 from liverstage.runtime.model_meta import ModelMetadata
 from liverstage.runtime.stages import STAGE_NAMES, STAGES
+from liverstage.train.checkpoint import Checkpoint
 
 CARD_MD = "MODEL_CARD.md"
 CARD_JSON = "model_card.json"
@@ -42,16 +43,14 @@ REFERENCES = [
 ]
 
 
-def training_data(ckpt: dict) -> dict[str, Any]:
+def training_data(ckpt: Checkpoint) -> dict[str, Any]:
     """Patients (and stages) per split from the checkpoint; per-stage counts when the manifest is reachable."""
-    from .data import checkpoint_manifest  # noqa: PLC0415
-
-    splits = ckpt.get("splits") or {}
+    splits = ckpt.splits.to_dict()
     out: dict[str, Any] = {
-        "manifest": ckpt.get("manifest") or None,
-        "patients_per_split": {name: len(splits.get(name) or []) for name in ("train", "val", "test")},
+        "manifest": ckpt.manifest or None,
+        "patients_per_split": {name: len(ids) for name, ids in splits.items()},
     }
-    manifest = checkpoint_manifest(ckpt)
+    manifest = ckpt.manifest_path()
     stage_of: dict[str, str] = {}
     if manifest is not None:
         try:
@@ -63,8 +62,8 @@ def training_data(ckpt: dict) -> dict[str, Any]:
             stage_of = {}
     if stage_of:
         out["patients_per_stage"] = {
-            name: {stage: sum(1 for p in splits.get(name) or [] if stage_of.get(p) == stage) for stage in STAGES}
-            for name in ("train", "val", "test")
+            name: {stage: sum(1 for p in ids if stage_of.get(p) == stage) for stage in STAGES}
+            for name, ids in splits.items()
         }
     out["phantoms"] = is_phantom_data(ckpt, manifest)
     out["description"] = (
@@ -74,14 +73,14 @@ def training_data(ckpt: dict) -> dict[str, Any]:
     return out
 
 
-def is_phantom_data(ckpt: dict, manifest: Path | None) -> bool:
+def is_phantom_data(ckpt: Checkpoint, manifest: Path | None) -> bool:
     """True when the training manifest was written by liverstage's phantom generator (it leaves
     PHANTOMS_NOT_PATIENTS.txt beside its manifest.csv)."""
     from .data import is_phantom_manifest  # noqa: PLC0415
 
     if is_phantom_manifest(manifest):
         return True
-    return "phantom" in json.dumps(ckpt.get("args") or {}).lower()
+    return "phantom" in json.dumps(ckpt.args).lower()
 
 
 def metrics_summary(metrics: Any) -> dict[str, Any]:
@@ -128,7 +127,7 @@ def io_spec(meta: ModelMetadata) -> dict[str, Any]:
     }
 
 
-def build_card(*, meta: ModelMetadata, ckpt: dict, model_file: str, parity: dict[str, Any] | None,
+def build_card(*, meta: ModelMetadata, ckpt: Checkpoint, model_file: str, parity: dict[str, Any] | None,
                engine: str) -> dict[str, Any]:
     data = training_data(ckpt)
     return {
@@ -143,9 +142,9 @@ def build_card(*, meta: ModelMetadata, ckpt: dict, model_file: str, parity: dict
         "data_type": "nifti volumes or 2D crops (see manifest)",
         "training_data": data,
         "label_classes": {s: STAGE_NAMES[s] for s in STAGES},
-        "eval_metrics": metrics_summary(ckpt.get("metrics")),
+        "eval_metrics": metrics_summary(ckpt.metrics),
         "checkpoint_sha256": meta.checkpoint_sha256,
-        "checkpoint_epoch": ckpt.get("epoch"),
+        "checkpoint_epoch": ckpt.epoch,
         "preprocess": meta.preprocess.to_dict(),
         "preprocess_hash": meta.preprocess.hash,
         "network_data_format": io_spec(meta),

@@ -2,7 +2,7 @@
 
 Measured after every export and written beside the model (`PATH.parity.json`): max |delta
 cosine|, max |delta probs|, stage agreement (same argmax), finiteness and, on labelled crops, the
-accuracy of both and its difference. Targets (issue 5): fp32 max |delta cosine| <= 1e-4; fp16 <=
+accuracy of both and its difference. Targets: fp32 max |delta cosine| <= 1e-4; fp16 <=
 1e-2 with no NaN/Inf (also on inputs with a large embedding norm); int8 stage agreement >= 98 %
 and accuracy within 1 point of fp32.
 """

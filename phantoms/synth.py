@@ -211,6 +211,9 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     in_plane: matrix size (square); the field of view varies per patient, so the spacing does.
     slices: mean slice count; the count varies +-15 % per patient and the slice thickness follows
     from the covered length. The default size takes well under a second on one core.
+
+    The steps below draw from one generator in a fixed order; that order is what makes a cohort
+    reproducible, so a step never draws on behalf of another.
     """
     if stage is None:  # on its own: draw one with the paper's mix (a cohort passes its plan)
         pick = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0x57A6E]))
@@ -220,44 +223,121 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
         raise ValueError(f"unknown stage {stage!r}")
     if in_plane < 32 or slices < 6:
         raise ValueError(f"in_plane must be >= 32 and slices >= 6, got {in_plane}, {slices}")
-    u = rng.uniform
+    signs = _stage_signs(rng, stage)
+    body = _body_geometry(rng, in_plane, slices)
+    cv = body.canvas(in_plane)
+    values = _intensities(rng)
+    f_inner = _paint_body(rng, cv, body, values)
+    _paint_posterior(cv, body, values, f_inner)
+    _paint_kidneys(rng, cv, body, values)
+    _paint_spleen(rng, cv, body, values, signs, f_inner)
+    liver = _paint_liver(rng, cv, body, values, signs, f_inner)
+    mask = _paint_over_liver(rng, cv, body, values, liver)
+    data, sigma = _acquire(rng, cv, body.fov)
+    stored, stored_mask, stored_affine = _store(rng, cv, data, mask, body.dz)
+    params = {
+        "stage": stage, "severity": round(float(signs.severity), 4), "nodularity_mm": round(signs.nod_amp, 3),
+        "septa": round(signs.sep_delta, 4), "septa_mm": round(signs.sep_mm, 3), "nodule_mm": round(liver.cell, 2),
+        "heterogeneity": round(signs.het_amp, 4), "caudate_factor": round(signs.caudate, 3),
+        "right_lobe_factor": round(signs.right_lobe, 3), "spleen_factor": round(signs.spleen, 3),
+        "spacing_mm": [round(body.h, 4), round(body.h, 4), round(body.dz, 4)], "slices": body.nz,
+        "noise": round(sigma, 4), "orientation": "".join(nib.aff2axcodes(stored_affine)),
+    }
+    return Phantom(data=stored, mask=stored_mask, affine=stored_affine, stage=stage, params=params)
 
-    # --- severity and stage signs (each sign has its own noise: they overlap across stages)
+
+@dataclasses.dataclass(frozen=True)
+class _Signs:
+    """The latent severity and the four stage signs it drives (each with its own noise)."""
+
+    severity: float
+    nod_amp: float  # mm: nodules bulge out, the surface is notched between them
+    sep_mm: float  # septal thickness (mm)
+    sep_delta: float  # relative brightening of septa (enhancing fibrosis)
+    het_amp: float  # nodule-to-nodule intensity spread
+    caudate: float
+    right_lobe: float
+    spleen: float
+
+
+def _stage_signs(rng: np.random.Generator, stage: str) -> _Signs:
     lo_s, hi_s = SEVERITY_RANGE[stage]
-    sev = u(lo_s, hi_s)
+    sev = rng.uniform(lo_s, hi_s)
 
     def sign() -> float:
         return float(np.clip(sev + rng.normal(0.0, SIGN_NOISE), 0.0, 1.2))
 
     s_nod, s_sep, s_cau, s_spl, s_het = sign(), sign(), sign(), sign(), sign()
     # sizes in mm are chosen to survive the usual 64-px crop (about 4 mm per pixel)
-    nod_amp = 1.0 + 13.0 * s_nod  # mm: nodules bulge out, the surface is notched between them
-    sep_mm = 1.5 + 3.5 * s_sep  # septal thickness (mm)
-    sep_delta = 0.03 + 0.55 * s_sep**1.5  # relative brightening of septa (enhancing fibrosis)
-    het_amp = 0.01 + 0.12 * s_het  # nodule-to-nodule intensity spread
-    caudate = 0.7 + 1.0 * s_cau
-    right_lobe = 1.1 - 0.3 * s_cau
-    spleen = 0.75 + 0.9 * s_spl
+    return _Signs(severity=sev, nod_amp=1.0 + 13.0 * s_nod, sep_mm=1.5 + 3.5 * s_sep,
+                  sep_delta=0.03 + 0.55 * s_sep**1.5, het_amp=0.01 + 0.12 * s_het, caudate=0.7 + 1.0 * s_cau,
+                  right_lobe=1.1 - 0.3 * s_cau, spleen=0.75 + 0.9 * s_spl)
 
-    # --- geometry (mm)
+
+@dataclasses.dataclass(frozen=True)
+class _Body:
+    """Patient geometry (mm): field of view, body ellipse, fat, liver size and the slab covered."""
+
+    fov: float
+    h: float  # in-plane spacing
+    a: float  # body semi-axes (LR, AP)
+    b: float
+    bx: float
+    by: float
+    tf: float  # subcutaneous fat
+    size: float  # liver size
+    lz: float
+    z_lo: float
+    nz: int
+    dz: float
+
+    @property
+    def post(self) -> float:
+        """The inner posterior wall (y, mm)."""
+        return self.by - self.b + self.tf
+
+    def canvas(self, in_plane: int) -> _Canvas:
+        x = ((np.arange(in_plane) - (in_plane - 1) / 2) * self.h).astype(np.float32)
+        y = ((np.arange(in_plane) - (in_plane - 1) / 2) * self.h).astype(np.float32)
+        z = (self.z_lo + (np.arange(self.nz) + 0.5) * self.dz).astype(np.float32)
+        return _Canvas(x, y, z, self.h)
+
+
+def _body_geometry(rng: np.random.Generator, in_plane: int, slices: int) -> _Body:
+    u = rng.uniform
     fov = u(330.0, 420.0)
     h = fov / in_plane
-    a, b = u(135.0, 172.0), u(95.0, 125.0)  # body semi-axes (LR, AP)
+    a, b = u(135.0, 172.0), u(95.0, 125.0)
     bx, by = u(-15.0, 15.0), u(-12.0, 12.0)
-    tf = u(8.0, 24.0)  # subcutaneous fat
-    size = u(0.85, 1.15)  # liver size
+    tf = u(8.0, 24.0)
+    size = u(0.85, 1.15)
     lz = 0.0
     rz = 85.0 * size
     z_lo = lz - rz - u(55.0, 85.0)
     z_hi = lz + rz + u(10.0, 30.0)
     nz = max(6, int(round(slices * u(0.85, 1.15))))
-    dz = (z_hi - z_lo) / nz
-    x = ((np.arange(in_plane) - (in_plane - 1) / 2) * h).astype(np.float32)
-    y = ((np.arange(in_plane) - (in_plane - 1) / 2) * h).astype(np.float32)
-    z = (z_lo + (np.arange(nz) + 0.5) * dz).astype(np.float32)
-    cv = _Canvas(x, y, z, h)
+    return _Body(fov=fov, h=h, a=a, b=b, bx=bx, by=by, tf=tf, size=size, lz=lz, z_lo=z_lo, nz=nz,
+                 dz=(z_hi - z_lo) / nz)
 
-    # --- tissue values (T1-like: fat bright, fluid and flowing blood dark)
+
+@dataclasses.dataclass(frozen=True)
+class _Intensities:
+    """T1-like intensities: fat bright, fluid and flowing blood dark."""
+
+    contrast: float
+    fat: float
+    visc: float
+    muscle: float
+    liver: float
+    spleen: float
+    kidney: float
+    marrow: float
+    fluid: float
+    vessel: float
+
+
+def _intensities(rng: np.random.Generator) -> _Intensities:
+    u = rng.uniform
     contrast = u(0.8, 1.2)
     base = 0.38
 
@@ -268,65 +348,96 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     v_liver = tissue(u(0.5, 0.62))
     v_spleen = float(v_liver * u(0.7, 0.86))
     v_kidney, v_marrow, v_fluid, v_vessel = tissue(0.44), tissue(0.62), tissue(0.12), tissue(0.1)
+    return _Intensities(contrast=contrast, fat=v_fat, visc=v_visc, muscle=v_muscle, liver=v_liver, spleen=v_spleen,
+                    kidney=v_kidney, marrow=v_marrow, fluid=v_fluid, vessel=v_vessel)
 
-    # --- body: fat ring, visceral inside (textured)
+
+def _paint_body(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities) -> np.ndarray:
+    """Fat ring, textured visceral inside; returns the signed distance to the inner body wall."""
     full = (slice(None), slice(None), slice(None))
     X, Y, Z = cv.coords(full)
-    ph = u(0, 2 * np.pi)
-    az = a * (1 + 0.05 * np.sin(Z / 110.0 + ph))
-    bz = b * (1 + 0.04 * np.cos(Z / 90.0 + ph))
-    r_body = np.sqrt(((X - bx) / az) ** 2 + ((Y - by) / bz) ** 2)
+    ph = rng.uniform(0, 2 * np.pi)
+    az = body.a * (1 + 0.05 * np.sin(Z / 110.0 + ph))
+    bz = body.b * (1 + 0.04 * np.cos(Z / 90.0 + ph))
+    r_body = np.sqrt(((X - body.bx) / az) ** 2 + ((Y - body.by) / bz) ** 2)
     f_body = (r_body - 1.0) * np.minimum(az, bz)
-    f_inner = f_body + tf
-    cv.paint(full, cv.frac(f_body), v_fat)
-    visc_tex = _smooth_noise(rng, (x, y, z), u(12.0, 22.0))
-    cv.paint(full, cv.frac(f_inner), v_visc * (1.0 + 0.12 * contrast * visc_tex))
-    del visc_tex, r_body
+    f_inner = f_body + body.tf
+    cv.paint(full, cv.frac(f_body), values.fat)
+    visc_tex = _smooth_noise(rng, (cv.x, cv.y, cv.z), rng.uniform(12.0, 22.0))
+    cv.paint(full, cv.frac(f_inner), values.visc * (1.0 + 0.12 * values.contrast * visc_tex))
+    return f_inner
 
-    # --- posterior structures
-    post = by - b + tf
+
+def _paint_posterior(cv: _Canvas, body: _Body, values: _Intensities, f_inner: np.ndarray) -> None:
+    """Paraspinal muscles, vertebra (marrow), spinal canal and aorta."""
+    post, bx = body.post, body.bx
     for side in (-1, 1):
         c = (bx + side * 38.0, post + 22.0)
         blk = cv.block((c[0], c[1], 0.0), (32.0, 26.0, 1e6))
         Xb, Yb, _ = cv.coords(blk)
-        cv.paint(blk, cv.frac(np.maximum(_cylinder(Xb, Yb, c, (30.0, 24.0)), f_inner[blk])), v_muscle)
-    for c, r, v in (((bx, post + 45.0), 17.0, v_marrow), ((bx, post + 17.0), 7.0, v_fluid),
-                    ((bx - 20.0, post + 75.0), 11.0, v_vessel)):
+        cv.paint(blk, cv.frac(np.maximum(_cylinder(Xb, Yb, c, (30.0, 24.0)), f_inner[blk])), values.muscle)
+    for c, r, v in (((bx, post + 45.0), 17.0, values.marrow), ((bx, post + 17.0), 7.0, values.fluid),
+                    ((bx - 20.0, post + 75.0), 11.0, values.vessel)):
         blk = cv.block((c[0], c[1], 0.0), (r, r, 1e6))
         Xb, Yb, _ = cv.coords(blk)
         cv.paint(blk, cv.frac(_cylinder(Xb, Yb, c, (r, r))), v)
 
-    # kidneys (right one lower)
+
+def _paint_kidneys(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities) -> None:
+    """Both kidneys (the right one lower), each with a darker sinus."""
+    u = rng.uniform
     for side, dzk in ((-1, -60.0), (1, -78.0)):
-        c = (bx + side * a * u(0.38, 0.46), post + u(45.0, 60.0), lz + dzk + u(-10, 10))
+        c = (body.bx + side * body.a * u(0.38, 0.46), body.post + u(45.0, 60.0), body.lz + dzk + u(-10, 10))
         ax = (u(24.0, 32.0), u(26.0, 34.0), u(45.0, 60.0))
         blk = cv.block(c, ax)
         if blk is not None:
             Xb, Yb, Zb = cv.coords(blk)
             f = _ellipsoid(Xb, Yb, Zb, c, ax)
-            cv.paint(blk, cv.frac(f), v_kidney)
-            cv.paint(blk, cv.frac(f + 0.45 * min(ax)), v_fluid * 1.5)  # sinus
+            cv.paint(blk, cv.frac(f), values.kidney)
+            cv.paint(blk, cv.frac(f + 0.45 * min(ax)), values.fluid * 1.5)  # sinus
 
-    # spleen (patient's left = low x), size grows with the stage
-    c = (bx - a * u(0.52, 0.62), by - b * u(0.2, 0.4), lz + u(5.0, 30.0))
-    ax = tuple(spleen * s * u(0.9, 1.1) for s in (24.0, 50.0, 48.0))
+
+def _paint_spleen(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities, signs: _Signs,
+                  f_inner: np.ndarray) -> None:
+    """The spleen on the patient's left (low x); its size grows with the stage."""
+    u = rng.uniform
+    c = (body.bx - body.a * u(0.52, 0.62), body.by - body.b * u(0.2, 0.4), body.lz + u(5.0, 30.0))
+    ax = tuple(signs.spleen * s * u(0.9, 1.1) for s in (24.0, 50.0, 48.0))
     blk = cv.block(c, ax)
     if blk is not None:
         Xb, Yb, Zb = cv.coords(blk)
-        cv.paint(blk, cv.frac(np.maximum(_ellipsoid(Xb, Yb, Zb, c, ax), f_inner[blk] + 2.0)), v_spleen)
+        cv.paint(blk, cv.frac(np.maximum(_ellipsoid(Xb, Yb, Zb, c, ax), f_inner[blk] + 2.0)), values.spleen)
 
-    # --- liver: right lobe + left lobe + caudate, smooth union, kept inside the body wall
-    lx, ly = bx + a * u(0.28, 0.38), by + b * u(-0.05, 0.12)
+
+@dataclasses.dataclass(frozen=True)
+class _Liver:
+    """The painted liver: its block of the canvas, coordinates there, inside-fraction and centre."""
+
+    blk: tuple[slice, slice, slice]
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray]
+    frac: np.ndarray
+    lx: float
+    ly: float
+    cell: float  # nodule size (mm)
+
+
+def _paint_liver(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities, signs: _Signs,
+                 f_inner: np.ndarray) -> _Liver:
+    """Right lobe + left lobe + caudate, smooth union, kept inside the body wall, with nodules,
+    septa and heterogeneity."""
+    u = rng.uniform
+    a, b, lz, size = body.a, body.b, body.lz, body.size
+    lx, ly = body.bx + a * u(0.28, 0.38), body.by + b * u(-0.05, 0.12)
     lobes = [
-        ((lx, ly, lz), tuple(v * size for v in (a * 0.42 * right_lobe, b * 0.62 * right_lobe, 85.0))),
+        ((lx, ly, lz), tuple(v * size for v in (a * 0.42 * signs.right_lobe, b * 0.62 * signs.right_lobe, 85.0))),
         ((lx - a * u(0.5, 0.6), ly + b * u(0.25, 0.38), lz + 25.0 * size),
          tuple(v * size * u(0.85, 1.15) for v in (a * 0.33, b * 0.28, 45.0))),
         ((lx - a * 0.3, ly - b * 0.32, lz + 15.0 * size),
-         tuple(v * size * caudate for v in (20.0, 18.0, 38.0))),
+         tuple(v * size * signs.caudate for v in (20.0, 18.0, 38.0))),
     ]
     lo_c = np.min([np.array(c) - np.array(ax) for c, ax in lobes], axis=0)
     hi_c = np.max([np.array(c) + np.array(ax) for c, ax in lobes], axis=0)
-    pad = nod_amp + 12.0
+    pad = signs.nod_amp + 12.0
     blk = cv.block(tuple((lo_c + hi_c) / 2), tuple((hi_c - lo_c) / 2 + pad))
     Xb, Yb, Zb = cv.coords(blk)
     f_liv = None
@@ -338,65 +449,83 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     # the voxels the liver may cover; they bulge the surface (nodularity), their walls carry the
     # septa and each nodule gets its own intensity (heterogeneity)
     cell = u(16.0, 24.0) * size
-    near = f_liv < nod_amp + 2.0 * h
+    near = f_liv < signs.nod_amp + 2.0 * cv.h
     pts = tuple(np.broadcast_to(c, f_liv.shape)[near] for c in (Xb, Yb, Zb))
     bounds = tuple((float(c.min()), float(c.max())) for c in (bx_, by_, bz_))
     wall, cell_id, n_cells = _cells(rng, pts, cell, bounds)
     dome = np.sqrt(np.clip(wall / (0.5 * cell), 0.0, 1.0))  # 0 on a wall, 1 at a nodule's centre
-    f_liv[near] -= nod_amp * (dome - 0.5)
+    f_liv[near] -= signs.nod_amp * (dome - 0.5)
     f_liv = np.maximum(f_liv, f_inner[blk] + 3.0)
     liver_frac = cv.frac(f_liv)
     # septa: a triangle profile across the wall; thinner than a voxel they are drawn one voxel wide
     # and fainter (partial volume), so their summed signal does not depend on the voxel size
-    half = max(sep_mm, h)
-    septa = np.clip(1.0 - wall / half, 0.0, 1.0) * np.float32(sep_delta * sep_mm / half)
-    nodule_val = rng.standard_normal(n_cells).astype(np.float32)[cell_id] * np.float32(het_amp)
+    half = max(signs.sep_mm, cv.h)
+    septa = np.clip(1.0 - wall / half, 0.0, 1.0) * np.float32(signs.sep_delta * signs.sep_mm / half)
+    nodule_val = rng.standard_normal(n_cells).astype(np.float32)[cell_id] * np.float32(signs.het_amp)
     texture = _smooth_noise(rng, (bx_, by_, bz_), u(8.0, 12.0))[near] * np.float32(0.02)
     gain = np.ones(f_liv.shape, dtype=np.float32)
     gain[near] += septa + nodule_val + texture
     inside = liver_frac[near] >= 0.5
     gain /= np.float32(gain[near][inside].mean() if inside.any() else 1.0)  # mean not a stage cue
-    liver_val = v_liver * gain
-    cv.paint(blk, liver_frac, liver_val)
+    cv.paint(blk, liver_frac, values.liver * gain)
+    return _Liver(blk=blk, coords=(Xb, Yb, Zb), frac=liver_frac, lx=lx, ly=ly, cell=cell)
 
-    # structures drawn over the liver (not liver in the mask): IVC, hepatic veins, gallbladder
+
+def _paint_over_liver(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities,
+                      liver: _Liver) -> np.ndarray:
+    """IVC, hepatic veins and gallbladder, drawn over the liver and kept out of its mask; returns
+    the liver mask (uint8, canonical)."""
+    u = rng.uniform
+    a, b, lz, lx, ly = body.a, body.b, body.lz, liver.lx, liver.ly
+    Xb, Yb, Zb = liver.coords
+    blk, liver_frac = liver.blk, liver.frac
     others = np.zeros_like(liver_frac)
-    ivc = (lx - a * 0.22, post + u(62.0, 72.0))
+    ivc = (lx - a * 0.22, body.post + u(62.0, 72.0))
     f = _cylinder(Xb, Yb, ivc, (12.0, 10.0))
     m = cv.frac(f)
-    cv.paint(blk, m, v_vessel)
+    cv.paint(blk, m, values.vessel)
     others = np.maximum(others, m)
     for _ in range(3):
         c = (lx + u(-0.5, 0.3) * a * 0.5, ly + u(-0.4, 0.4) * b * 0.5)
         r = u(3.0, 6.0)
         m = cv.frac(_cylinder(Xb, Yb, c, (r, r))) * cv.frac(np.abs(Zb - lz - 20.0) - 50.0) * liver_frac
-        cv.paint(blk, m, v_vessel * 1.2)
+        cv.paint(blk, m, values.vessel * 1.2)
         others = np.maximum(others, m)
     if u() < 0.7:
         c = (lx - a * u(0.15, 0.25), ly + b * u(0.15, 0.3), lz - u(35.0, 55.0))
         ax = (u(11.0, 17.0), u(14.0, 22.0), u(25.0, 40.0))
         m = cv.frac(_ellipsoid(Xb, Yb, Zb, c, ax))
-        cv.paint(blk, m, v_fluid)
+        cv.paint(blk, m, values.fluid)
         others = np.maximum(others, m)
     mask = np.zeros(cv.img.shape, dtype=np.uint8)
     mask[blk] = (liver_frac * (1.0 - others) >= 0.5).astype(np.uint8)
+    return mask
 
-    # --- bias field, Rician noise, scale
+
+def _acquire(rng: np.random.Generator, cv: _Canvas, fov: float) -> tuple[np.ndarray, float]:
+    """Bias field, Rician noise and a random scale: the int16 image (canonical) and the noise level."""
+    x, y, z = cv.x, cv.y, cv.z
     xn, yn, zn = (x / (fov / 2))[:, None, None], (y / (fov / 2))[None, :, None], ((z - z.mean()) / 150.0)[None, None, :]
     cb = rng.normal(0.0, 0.12, size=5)
     bias = np.exp(cb[0] * xn + cb[3] * xn**2) * np.exp(cb[1] * yn + cb[4] * yn**2) * np.exp(cb[2] * zn)
     sig = cv.img * bias.astype(np.float32)
-    sigma = u(0.015, 0.05)
+    sigma = rng.uniform(0.015, 0.05)
     n1 = rng.standard_normal(sig.shape, dtype=np.float32)
     n1 *= sigma
     n1 += sig
     n2 = rng.standard_normal(sig.shape, dtype=np.float32)
     n2 *= sigma
     mag = np.sqrt(n1 * n1 + n2 * n2)
-    scale = u(400.0, 2500.0)
-    data = np.clip(np.rint(mag * scale), 0, 32767).astype(np.int16)
+    scale = rng.uniform(400.0, 2500.0)
+    return np.clip(np.rint(mag * scale), 0, 32767).astype(np.int16), sigma
 
-    # --- stored orientation and affine
+
+def _store(rng: np.random.Generator, cv: _Canvas, data: np.ndarray, mask: np.ndarray,
+           dz: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored orientation (one of STORED_ORIENTATIONS) with the affine to match, and a table
+    position: (data, mask, affine) as written to disk."""
+    u = rng.uniform
+    h, x, y, z = cv.h, cv.x, cv.y, cv.z
     affine = np.diag([h, h, dz, 1.0])
     affine[:3, 3] = [x[0], y[0], z[0]]
     affine[:3, 3] += [u(-20, 20), u(-20, 20), u(-400, -100)]  # table position
@@ -404,16 +533,7 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     ornt = np.array(STORED_ORIENTATIONS[k], dtype=float)
     stored = np.ascontiguousarray(orientations.apply_orientation(data, ornt))
     stored_mask = np.ascontiguousarray(orientations.apply_orientation(mask, ornt))
-    stored_affine = affine @ orientations.inv_ornt_aff(ornt, data.shape)
-    params = {
-        "stage": stage, "severity": round(float(sev), 4), "nodularity_mm": round(nod_amp, 3),
-        "septa": round(sep_delta, 4), "septa_mm": round(sep_mm, 3), "nodule_mm": round(cell, 2),
-        "heterogeneity": round(het_amp, 4), "caudate_factor": round(caudate, 3),
-        "right_lobe_factor": round(right_lobe, 3), "spleen_factor": round(spleen, 3),
-        "spacing_mm": [round(h, 4), round(h, 4), round(dz, 4)], "slices": nz, "noise": round(sigma, 4),
-        "orientation": "".join(nib.aff2axcodes(stored_affine)),
-    }
-    return Phantom(data=stored, mask=stored_mask, affine=stored_affine, stage=stage, params=params)
+    return stored, stored_mask, affine @ orientations.inv_ornt_aff(ornt, data.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """`liverstage bench`: how fast an exported model runs here, against references from the same run.
 
 Per backend and batch size: latency p50 / p90 / p99 per batch, crops/s, speed-up against PyTorch
-eager fp32 (only where torch is installed; it is the one optional torch import of the runtime),
-achieved GFLOP/s against this machine's float32 matrix-multiply peak (numpy, measured in the same
-run), and with `input_volume`, model-only time against end-to-end time (volume in, report out).
+eager fp32 (only where torch is installed; the caller passes that reference in, so the runtime
+never imports torch), achieved GFLOP/s against this machine's float32 matrix-multiply peak (numpy,
+measured in the same run), and with `input_volume`, model-only time against end-to-end time
+(volume in, report out).
 
 Backends:
   onnx       the fp32 (or whatever) .onnx given as the model, ONNX Runtime
@@ -13,7 +14,8 @@ Backends:
              CPU without native bf16), and the int8 model; skipped without OpenVINO
   trt        `engine`, else the sibling `X.engine`; skipped without TensorRT / a GPU
   torch      PyTorch eager fp32 from the checkpoint (`checkpoint`, else
-             metadata.extra["checkpoint_path"]); skipped without torch or checkpoint
+             metadata.extra["checkpoint_path"]), built by `torch_reference` (the caller passes
+             liverstage.train.reference.TorchEager); skipped without it or a checkpoint
 A skipped backend is a row with `skipped` saying why, never an error.
 
 FLOPs: counted once per crop from the ONNX graph's Conv / Gemm / MatMul shapes after onnx shape
@@ -156,43 +158,6 @@ def count_flops(onnx_path: str | Path) -> float | None:
 
 # -- backends --------------------------------------------------------------------------------------
 
-class TorchEager:
-    """PyTorch eager fp32 from a liverstage checkpoint: the reference the issue's ratios use.
-
-    The only torch use in the runtime: imported here, only when the `torch` backend is asked for.
-    On a GPU it runs in strict float32 (TF32 off, as PyTorch does for matmuls by default) with
-    cudnn.benchmark on, numpy in and out like every other backend, so the copies are timed too.
-    """
-
-    precision = "fp32"
-
-    def __init__(self, checkpoint: Path, threads: int | None, device: str = "cpu") -> None:
-        import torch  # noqa: PLC0415
-
-        from liverstage.train.checkpoint import load_checkpoint  # noqa: PLC0415
-        from liverstage.train.evaluate import resolve_device, strict_float32  # noqa: PLC0415
-
-        self.torch = torch
-        self.strict_float32 = strict_float32
-        self.device = resolve_device(device)
-        self.name = "torch-eager" if self.device.type == "cpu" else "torch-eager-cuda"
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.model, _ = load_checkpoint(checkpoint, map_location="cpu")
-        self.model.eval().to(self.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self.torch
-        with torch.inference_mode(), self.strict_float32():
-            x = torch.from_numpy(images).to(self.device)
-            emb = self.model(x)
-            probs = torch.softmax(self.model.class_logits(emb), dim=1)
-            cos = self.model.cosine(emb)
-        return {"probs": probs.cpu().numpy(), "cosine": cos.cpu().numpy(), "embedding": emb.cpu().numpy()}
-
-
 def runner_device(runner) -> str:
     """'cuda' for backends that run on the GPU (ONNX Runtime CUDA, TensorRT), else 'cpu'."""
     return "cuda" if runner.name in ("onnxruntime-cuda", "tensorrt", "torch-eager-cuda") else "cpu"
@@ -211,6 +176,9 @@ class BenchConfig:
     int8_model: Path | None = None
     engine: Path | None = None
     checkpoint: Path | None = None
+    # (checkpoint, threads, device) -> runner: the PyTorch eager reference (liverstage.train.reference
+    # .TorchEager, passed in by the bench command where torch is installed; None: the torch row is skipped)
+    torch_reference: Callable[[Path, int | None, str], object] | None = None
 
     def validate(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -249,13 +217,13 @@ def _open(kind: str, cfg: BenchConfig, metadata, *, torch_device: str = "cpu"):
             if not path.is_file():
                 return None, path, f"no TensorRT engine ({path} not found; give --engine)"
             return open_backend(path, device="cuda"), path, None
-        # torch: the optional PyTorch eager reference
+        # torch: the optional PyTorch eager reference, built by the factory the caller passed in
         path = cfg.checkpoint or (Path(metadata.extra["checkpoint_path"]) if metadata.extra.get("checkpoint_path") else None)
-        if not _torch_installed():
+        if cfg.torch_reference is None:
             return None, path, "torch is not installed (the PyTorch eager reference needs the train extra)"
         if path is None or not path.is_file():
             return None, path, f"no torch checkpoint ({path or 'none named in the metadata'}; give --checkpoint)"
-        return TorchEager(path, cfg.threads, torch_device), path, None
+        return cfg.torch_reference(path, cfg.threads, torch_device), path, None
     except ImportError as exc:
         return None, None, f"{kind} is not available here ({exc})"
     except LiverstageError as exc:
@@ -272,16 +240,6 @@ def _open_openvino(kind: str, cfg: BenchConfig):
     if not path.is_file():
         return None, path, f"no int8 model ({path} not found; give --int8-model)"
     return OpenVINOBackend(path, precision=precision, threads=cfg.threads), path, None
-
-
-def _torch_installed() -> bool:
-    """Whether torch could be imported, without importing it."""
-    import importlib.util  # noqa: PLC0415
-
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _batch(images: np.ndarray, n: int) -> np.ndarray:

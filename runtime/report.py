@@ -1,6 +1,6 @@
 """Everything `predict` writes: the JSON report, the per-crop CSV, the stdout table, the PNG.
 
-Report schema (issue 6; every file is written atomically):
+Report schema (every file is written atomically):
     {"liverstage_version",
      "model": {"path", "sha256", "backend", "precision"},
      "results": [{"input", "stage", "stage_name", "probabilities": {"A", "B", "C"}, "uncertain",

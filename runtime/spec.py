@@ -12,7 +12,14 @@ import hashlib
 import json
 from typing import Any
 
+from . import checks
+
 SPEC_VERSION = 1
+
+
+def _help(text: str) -> dict[str, str]:
+    """Field metadata: the one-line help that `liverstage crops`, `train` and `experiment` show."""
+    return {"help": text}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,42 +35,48 @@ class PreprocessSpec:
         whole volume, mapped to 0 and 1.
     clip_low / clip_high: normalised intensities are clipped to this range (keeps the values a
         little beyond the liver's own range, e.g. bright vessels and dark fat, without outliers).
+    Each field is checked by its validator in runtime/checks.py.
     """
 
-    crop_size: int = 224
-    box_margin: float = 0.15
-    min_area_fraction: float = 0.3
-    percentile_low: float = 0.5
-    percentile_high: float = 99.5
-    clip_low: float = -0.5
-    clip_high: float = 1.5
+    crop_size: int = dataclasses.field(default=224, metadata=_help("Crop side in pixels."))
+    box_margin: float = dataclasses.field(
+        default=0.15, metadata=_help("Box growth per side, fraction of its side."))
+    min_area_fraction: float = dataclasses.field(
+        default=0.3, metadata=_help("Keep slices whose region area is at least this fraction of the largest."))
+    percentile_low: float = dataclasses.field(
+        default=0.5, metadata=_help("Percentile inside the region mapped to 0."))
+    percentile_high: float = dataclasses.field(
+        default=99.5, metadata=_help("Percentile inside the region mapped to 1."))
+    clip_low: float = dataclasses.field(
+        default=-0.5, metadata=_help("Normalised values below this are raised to it."))
+    clip_high: float = dataclasses.field(default=1.5, metadata=_help("Normalised values above this are lowered to it."))
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        # Normalise numeric types so 0 and 0.0 give the same JSON and the same hash.
-        for name in ("box_margin", "min_area_fraction", "percentile_low", "percentile_high", "clip_low", "clip_high"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if not isinstance(self.crop_size, int) or isinstance(self.crop_size, bool) or not 8 <= self.crop_size <= 2048:
-            raise ValueError(f"crop_size must be an integer in [8, 2048], got {self.crop_size!r}")
-        if not 0.0 <= float(self.box_margin) <= 2.0:
-            raise ValueError(f"box_margin must be in [0, 2], got {self.box_margin!r}")
-        if not 0.0 <= float(self.min_area_fraction) <= 1.0:
-            raise ValueError(f"min_area_fraction must be in [0, 1], got {self.min_area_fraction!r}")
-        if not 0.0 <= float(self.percentile_low) < float(self.percentile_high) <= 100.0:
-            raise ValueError(
+        # Canonical types, so 0 and 0.0 give the same JSON and the same hash.
+        object.__setattr__(self, "crop_size", checks.crop_size(self.crop_size))
+        object.__setattr__(self, "box_margin", checks.number(self.box_margin, "box_margin", low=0.0, high=2.0))
+        object.__setattr__(self, "min_area_fraction",
+                           checks.number(self.min_area_fraction, "min_area_fraction", low=0.0, high=1.0))
+        for name in ("percentile_low", "percentile_high", "clip_low", "clip_high"):
+            object.__setattr__(self, name, checks.number(getattr(self, name), name))
+        if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
+            raise checks.InvalidValue(
                 f"need 0 <= percentile_low < percentile_high <= 100, got "
                 f"{self.percentile_low!r}, {self.percentile_high!r}"
             )
-        if not float(self.clip_low) < float(self.clip_high):
-            raise ValueError(f"need clip_low < clip_high, got {self.clip_low!r}, {self.clip_high!r}")
+        if not self.clip_low < self.clip_high:
+            raise checks.InvalidValue(f"need clip_low < clip_high, got {self.clip_low!r}, {self.clip_high!r}")
         if self.version != SPEC_VERSION:
-            raise ValueError(
+            raise checks.InvalidValue(
                 f"PreprocessSpec version {self.version!r} is not supported by this liverstage "
                 f"(it reads version {SPEC_VERSION})"
             )
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The fields a user sets (all but `version`), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "version")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -69,14 +69,17 @@ def _load_helper(filename: str):
     return sys.modules[name]
 
 
-def _load_tiny_onnx_module():
-    return _load_helper("_tiny_onnx.py")
-
 
 @pytest.fixture(scope="session")
 def tiny_onnx():
     """The tests/_tiny_onnx.py module: build_tiny_onnx(path, crop_size=...), tiny_metadata(...)."""
-    return _load_tiny_onnx_module()
+    return _load_helper("_tiny_onnx.py")
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The tests/_reference.py module: the stored fixed-seed reference run and how to remake it."""
+    return _load_helper("_reference.py")
 
 
 @pytest.fixture(scope="session")

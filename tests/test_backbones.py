@@ -105,7 +105,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    assert ckpt["epoch"] == 2 and ckpt["args"]["out"] == str(tmp_path)
+    assert ckpt.epoch == 2 and ckpt.args["out"] == str(tmp_path)
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temporary behind
 
 

@@ -143,7 +143,7 @@ def test_torch_reference_on_a_missing_gpu_is_a_skipped_row(tmp_path, tiny_model,
     pytest.importorskip("torch")
     import torch
 
-    from liverstage.runtime.bench import TorchEager
+    from liverstage.train.reference import TorchEager
     from liverstage.runtime.errors import BackendUnavailable
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -155,7 +155,7 @@ def test_torch_reference_on_a_missing_gpu_is_a_skipped_row(tmp_path, tiny_model,
 def test_torch_reference_on_the_gpu_matches_the_cpu(tmp_path):
     import torch
 
-    from liverstage.runtime.bench import TorchEager
+    from liverstage.train.reference import TorchEager
     from liverstage.runtime.spec import PreprocessSpec
     from liverstage.train.checkpoint import save_checkpoint
     from liverstage.train.model import build_model
@@ -168,3 +168,21 @@ def test_torch_reference_on_the_gpu_matches_the_cpu(tmp_path):
     assert on_gpu.name == "torch-eager-cuda" and on_cpu.name == "torch-eager"
     for key in ("probs", "cosine"):
         assert np.allclose(on_gpu.run(images)[key], on_cpu.run(images)[key], atol=1e-4)
+
+
+def test_bench_command_passes_the_pytorch_reference_in(tmp_path, tiny_model, run_cli):
+    """The runtime's bench takes its PyTorch reference from the command (train.reference.TorchEager)."""
+    pytest.importorskip("torch")
+    from liverstage.runtime.spec import PreprocessSpec
+    from liverstage.train.checkpoint import save_checkpoint
+    from liverstage.train.model import build_model
+
+    ckpt = save_checkpoint(tmp_path / "model.pt", build_model("resnet18", "amcl").eval(),
+                           preprocess=PreprocessSpec(crop_size=32), args={}, splits={}, manifest=None, epoch=0)
+    code, _, err = run_cli(["bench", "--model", tiny_model, "--backends", "onnx,torch", "--checkpoint", ckpt,
+                            "--batch-sizes", "2", "--warmup", "0", "--iters", "2", "--json", tmp_path / "b.json",
+                            "--quiet"])
+    assert code == 0, err
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "b.json").read_text())["results"]}
+    assert rows["torch"]["skipped"] is None and rows["torch"]["runner"] == "torch-eager"
+    assert rows["onnx"]["speedup_vs_torch"] == pytest.approx(rows["torch"]["p50_ms"] / rows["onnx"]["p50_ms"])

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from liverstage.phantoms.synth import synth_cohort
+from liverstage.train.checkpoint import read_checkpoint
 
 
 def _free_port() -> int:
@@ -34,11 +34,11 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "x2 processes" in proc.stdout
     assert proc.stdout.count("epoch 2/2") == 1  # only rank 0 reports
-    ckpt = torch.load(run / "model.pt", weights_only=True)
-    dist = ckpt["distributed"]
+    ckpt = read_checkpoint(run / "model.pt")
+    dist = ckpt.distributed
     assert dist["world_size"] == 2
     a, b = dist["param_checksums"]
     assert a == b  # gradients were all-reduced: both ranks hold the same weights
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["n_patients"] == len(ckpt["splits"]["test"])
+    assert metrics["n_patients"] == len(ckpt.splits.test)
     shutil.rmtree(run)

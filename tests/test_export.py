@@ -253,7 +253,7 @@ def bad_files(tmp_path):
     ("good", ["--engine", "tflite"], "unknown engine"),
     ("good", ["--batch-min", "8", "--batch-opt", "4"], "--batch-min 8 is larger than --batch-opt 4"),
     ("good", ["--batch-opt", "128", "--batch-max", "64"], "--batch-opt 128 is larger than --batch-max 64"),
-    ("good", ["--batch-min", "0"], "positive integer"),
+    ("good", ["--batch-min", "0"], "--batch-min must be an integer >= 1"),
     ("good", ["--format", "zip"], "unknown format"),
 ])
 def test_cli_bad_input(case, extra, needle, bad_files, amcl_checkpoint, tmp_path, capsys):

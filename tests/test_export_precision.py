@@ -25,12 +25,14 @@ CROP = 32
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_cohort):
-    from liverstage.train.trainer import TrainConfig, train_run
+    from liverstage.runtime.spec import PreprocessSpec
+    from liverstage.train.config import RunConfig
+    from liverstage.train.trainer import train_run
 
     base = tmp_path_factory.mktemp("trained")
-    run = train_run(TrainConfig(manifest=small_cohort, out=base / "run", backbone="resnet18", loss="amcl",
-                                epochs=2, crop_size=CROP, batch_size=16, lr=1e-3, val_fraction=0.2,
-                                progress=False, cache_dir=base / "cache"), log=lambda line: None)
+    run = train_run(RunConfig(manifest=small_cohort, out=base / "run", backbone="resnet18", loss="amcl",
+                              epochs=2, preprocess=PreprocessSpec(crop_size=CROP), batch_size=16, lr=1e-3,
+                              val_fraction=0.2, progress=False, cache_dir=base / "cache"), log=lambda line: None)
     return run / "model.pt"
 
 

@@ -200,7 +200,7 @@ def test_finite_loss_and_gradients_at_init_over_many_seeds(loss_kind):
             _, num, _, _ = _literal_eq5(x.detach(), y, head.weight.detach(), 30.0, 0.5)
             nonpositive_seeds += bool((num <= 0).any())
     if loss_kind == "dr-amcl":
-        # DESIGN.md: about half of random starts have a non-positive literal numerator.
+        # docs/architecture.md: about half of random starts have a non-positive literal numerator.
         assert 40 <= nonpositive_seeds <= 160, nonpositive_seeds
 
 

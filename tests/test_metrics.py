@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from liverstage.train.metrics import METRIC_KEYS, compute_metrics, to_jsonable
+from liverstage.runtime.jsonsafe import json_safe
+from liverstage.train.metrics import METRIC_KEYS, compute_metrics
 
 
 def _onehot_probs(pred, confident=0.8):
@@ -59,7 +60,7 @@ def test_absent_stage_gives_nan_not_a_crash():
     assert math.isnan(m["auc_c_vs_ab"]) and math.isnan(m["mr_c_to_a"])
     assert m["mr_a_to_c"] == pytest.approx(0.5)
     assert m["recall_C"] == 0.0 and m["f1_C"] == 0.0
-    js = to_jsonable(m)
+    js = json_safe(m)
     assert js["auc_c_vs_ab"] is None and js["mr_c_to_a"] is None
     only_a = compute_metrics([0, 0], _onehot_probs([0, 0]), ["a", "b"])
     assert math.isnan(only_a["auc_b_or_c_vs_a"]) and math.isnan(only_a["kappa_quadratic"])
@@ -96,6 +97,6 @@ def test_bootstrap_interval_is_a_point_when_every_crop_is_right():
 
 
 def test_bootstrap_interval_is_undefined_with_one_test_patient():
-    m = to_jsonable(compute_metrics([0, 0, 1], _onehot_probs([0, 1, 1]), ["p", "p", "p"]))
+    m = json_safe(compute_metrics([0, 0, 1], _onehot_probs([0, 1, 1]), ["p", "p", "p"]))
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert m["accuracy_ci95"] == {"low": None, "high": None}

@@ -10,6 +10,7 @@ import pytest
 from liverstage.export import model_card
 from liverstage.runtime.model_meta import ModelMetadata
 from liverstage.runtime.spec import PreprocessSpec
+from liverstage.train.checkpoint import Checkpoint, Splits
 
 
 def metadata(sha: str = "1" * 64, precision: str = "fp32") -> ModelMetadata:
@@ -21,28 +22,32 @@ def metadata(sha: str = "1" * 64, precision: str = "fp32") -> ModelMetadata:
 
 
 @pytest.fixture()
-def ckpt(small_cohort):
-    rows = list(csv.DictReader(open(small_cohort, encoding="utf-8")))
-    ids = [r["patient_id"] for r in rows]
-    return {
-        "manifest": str(small_cohort), "epoch": 7,
-        "splits": {"train": ids[:8], "val": ids[8:10], "test": ids[10:]},
-        "metrics": {"accuracy": 0.61, "f1_A": 0.5, "kappa_quadratic": {"mean": 0.4, "std": 0.05},
-                    "confusion": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]},
-        "args": {"manifest": str(small_cohort)},
-        "_stages": {r["patient_id"]: r["stage"] for r in rows},
-    }
+def stages(small_cohort):
+    return {r["patient_id"]: r["stage"] for r in csv.DictReader(open(small_cohort, encoding="utf-8"))}
+
+
+@pytest.fixture()
+def ckpt(small_cohort, stages):
+    ids = list(stages)
+    return Checkpoint(
+        state_dict={}, backbone="resnet18", loss="dr-amcl", scale=30.0, margin=0.5, embedding_dim=512,
+        preprocess=PreprocessSpec(crop_size=48), epoch=7, manifest=str(small_cohort),
+        splits=Splits(train=tuple(ids[:8]), val=tuple(ids[8:10]), test=tuple(ids[10:])),
+        metrics={"accuracy": 0.61, "f1_A": 0.5, "kappa_quadratic": {"mean": 0.4, "std": 0.05},
+                 "confusion": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]},
+        args={"manifest": str(small_cohort)},
+    )
 
 
 PARITY = {"n_crops": 40, "max_abs_delta_cosine": 3e-3, "stage_agreement": 0.975, "accuracy_delta": -0.025}
 
 
-def test_card_contents(ckpt, tmp_path):
+def test_card_contents(ckpt, stages, tmp_path):
     card = model_card.build_card(meta=metadata(), ckpt=ckpt, model_file="m.onnx", parity=PARITY, engine="onnxruntime")
     data = card["training_data"]
     assert data["phantoms"] is True  # the small cohort is synthetic
     assert data["patients_per_split"] == {"train": 8, "val": 2, "test": 2}
-    expected = {stage: sum(1 for p in ckpt["splits"]["train"] if ckpt["_stages"][p] == stage) for stage in "ABC"}
+    expected = {stage: sum(1 for p in ckpt.splits.train if stages[p] == stage) for stage in "ABC"}
     assert data["patients_per_stage"]["train"] == expected
     assert card["eval_metrics"]["accuracy"] == 0.61
     assert card["eval_metrics"]["kappa_quadratic"] == {"mean": 0.4, "std": 0.05}  # spread kept
@@ -61,7 +66,7 @@ def test_card_contents(ckpt, tmp_path):
 
 
 def test_card_without_reachable_manifest_is_not_phantom(ckpt):
-    ckpt = {**ckpt, "manifest": "/nowhere/manifest.csv", "args": {}}
+    ckpt = ckpt.replace(manifest="/nowhere/manifest.csv", args={})
     data = model_card.build_card(meta=metadata(), ckpt=ckpt, model_file="m.onnx", parity=None,
                                  engine="onnxruntime")["training_data"]
     assert data["phantoms"] is False and "patients_per_stage" not in data

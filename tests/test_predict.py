@@ -211,7 +211,7 @@ def test_several_inputs_partial_failure(tmp_path, tiny_model, capsys):
 
 
 def _bad_inputs(tmp_path):
-    """Every single bad input of issue 6 -> (argv tail, text expected in the one-line error)."""
+    """Every single bad input of predict -> (argv tail, text expected in the one-line error)."""
     good, mask = write_phantom(tmp_path / "good")
     two_d = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((20, 20), np.float32), np.eye(4)), two_d)

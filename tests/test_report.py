@@ -1,4 +1,4 @@
-"""The predict report: exact schema of issue 6, atomic writes, CSV, PNG, stdout table."""
+"""The predict report: its exact schema, atomic writes, CSV, PNG, stdout table."""
 
 import csv
 import json
@@ -30,7 +30,7 @@ def make_run(n_crops=4, threshold=None):
     return PredictRun(model=model, results=[result], errors=[("/data/bad.nii.gz", "volume not found: /data/bad.nii.gz")])
 
 
-def test_schema_is_exactly_issue_6(tmp_path):
+def test_schema_is_exactly_the_documented_one(tmp_path):
     run = make_run()
     path = tmp_path / "sub" / "report.json"
     write_report(path, run)

@@ -12,7 +12,7 @@ from liverstage.runtime.backends import tensorrt as trt_backend
 from liverstage.runtime.errors import BackendUnavailable, InputError, ModelError
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-NO_TRT_REASON = "tensorrt is not installed here (NVIDIA's package index is unreachable; see DESIGN.md)"
+NO_TRT_REASON = "tensorrt is not installed here (NVIDIA's package index is unreachable; see docs/architecture.md)"
 
 PROFILE = {"min": 1, "opt": 16, "max": 64, "crop_size": 32}
 MACHINE = {"tensorrt_version": "11.0.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}

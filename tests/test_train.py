@@ -18,9 +18,10 @@ from liverstage.runtime.manifest import read_manifest
 from liverstage.runtime.spec import PreprocessSpec
 from liverstage.phantoms.synth import synth_cohort
 from liverstage.train import data as data_mod
-from liverstage.train.checkpoint import load_checkpoint
+from liverstage.train.checkpoint import load_checkpoint, read_checkpoint
 from liverstage.train.evaluate import predict_crops
-from liverstage.train.trainer import TrainConfig, train_run
+from liverstage.train.config import RunConfig
+from liverstage.train.trainer import train_run
 
 CROP = 32
 
@@ -41,7 +42,7 @@ def _config(cohort, cache, out, **kw):
     base = dict(manifest=cohort, out=out, backbone="resnet18", loss="amcl", epochs=1, batch_size=32,
                 crop_size=CROP, cache_dir=cache, progress=False, device="cpu")
     base.update(kw)
-    return TrainConfig(**base)
+    return RunConfig.from_options(base)
 
 
 def _cli(argv):
@@ -61,22 +62,22 @@ def test_train_each_loss_writes_a_complete_run(cohort, cache, tmp_path, loss):
     run = train_run(_config(cohort, cache, tmp_path / "run", loss=loss, epochs=2), log=lambda _l: None)
     for name in ("model.pt", "last.pt", "history.csv", "metrics.json", "predictions.csv"):
         assert (run / name).is_file(), name
-    ckpt = torch.load(run / "model.pt", weights_only=True)  # a checkpoint cannot run code
-    assert ckpt["loss"] == loss and ckpt["backbone"] == "resnet18" and ckpt["epoch"] == 2
-    assert ckpt["margin"] == (0.0 if loss in ("softmax", "asm") else 0.5)
-    splits = ckpt["splits"]
-    assert not set(splits["train"]) & set(splits["test"])
-    assert len(splits["test"]) == 3  # 20 % of 15 patients, one per stage
+    ckpt = read_checkpoint(run / "model.pt")
+    assert ckpt.loss == loss and ckpt.backbone == "resnet18" and ckpt.epoch == 2
+    assert ckpt.margin == (0.0 if loss in ("softmax", "asm") else 0.5)
+    splits = ckpt.splits
+    assert not set(splits.train) & set(splits.test)
+    assert len(splits.test) == 3  # 20 % of 15 patients, one per stage
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_patients"] == 3
-    assert ckpt["metrics"]["accuracy"] == metrics["accuracy"]
+    assert ckpt.metrics["accuracy"] == metrics["accuracy"]
     history = _read_csv(run / "history.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert all(np.isfinite(float(r["train_loss"])) for r in history)
     preds = _read_csv(run / "predictions.csv")
     assert list(preds[0]) == ["patient_id", "slice", "label", "predicted", "prob_A", "prob_B", "prob_C",
                               "cos_A", "cos_B", "cos_C"]
-    assert {r["patient_id"] for r in preds} == set(splits["test"])
+    assert {r["patient_id"] for r in preds} == set(splits.test)
     assert len(preds) == metrics["n_crops"]
     probs = np.array([[float(r[f"prob_{s}"]) for s in "ABC"] for r in preds])
     assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
@@ -89,9 +90,9 @@ def test_train_each_loss_writes_a_complete_run(cohort, cache, tmp_path, loss):
 def test_train_other_backbones(cohort, cache, tmp_path, backbone):
     run = train_run(_config(cohort, cache, tmp_path / "run", backbone=backbone, loss="dr-amcl", batch_size=64),
                     log=lambda _l: None)
-    ckpt = torch.load(run / "model.pt", weights_only=True)
-    assert ckpt["backbone"] == backbone
-    assert ckpt["embedding_dim"] == {"vgg16": 4096, "resnet50": 2048}[backbone]
+    ckpt = read_checkpoint(run / "model.pt")
+    assert ckpt.backbone == backbone
+    assert ckpt.embedding_dim == {"vgg16": 4096, "resnet50": 2048}[backbone]
     shutil.rmtree(run)  # VGG16's last.pt (weights + Adam moments) is 1.6 GB: do not keep it around
 
 
@@ -104,12 +105,11 @@ def test_resume_is_exact(cohort, cache, tmp_path):
     a = json.loads((straight / "metrics.json").read_text())
     b = json.loads((resumed / "metrics.json").read_text())
     assert a == b
-    sa = torch.load(straight / "last.pt", weights_only=True)
-    sb = torch.load(resumed / "last.pt", weights_only=True)
-    for key, value in sa["state_dict"].items():
-        assert torch.equal(value, sb["state_dict"][key]), key
+    sa, sb = read_checkpoint(straight / "last.pt"), read_checkpoint(resumed / "last.pt")
+    for key, value in sa.state_dict.items():
+        assert torch.equal(value, sb.state_dict[key]), key
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "crops_per_second")} for r in h]  # noqa: E731
-    assert strip(sa["history"]) == strip(sb["history"])
+    assert strip(sa.history) == strip(sb.history)
     assert (straight / "predictions.csv").read_text() == (resumed / "predictions.csv").read_text()
 
 
@@ -127,8 +127,7 @@ def test_imposed_test_patients(cohort, cache, tmp_path):
     rows = read_manifest(cohort)
     test = sorted({r.patient_id for r in rows if r.stage == s}.pop() for s in "ABC")
     run = train_run(_config(cohort, cache, tmp_path / "t", test_patients=test), log=lambda _l: None)
-    ckpt = torch.load(run / "model.pt", weights_only=True)
-    assert ckpt["splits"]["test"] == test
+    assert list(read_checkpoint(run / "model.pt").splits.test) == test
 
 
 def test_cli_train_then_evaluate_agree(cohort, cache, tmp_path, capsys):
@@ -141,11 +140,11 @@ def test_cli_train_then_evaluate_agree(cohort, cache, tmp_path, capsys):
           "--test-patients", str(tmp_path / "chosen.txt"), "--val-fraction", "0.2"])
     captured = capsys.readouterr()
     assert "epoch 1/1" in captured.out + captured.err
-    ckpt = torch.load(run / "model.pt", weights_only=True)
-    assert ckpt["splits"]["test"] == chosen and len(ckpt["splits"]["val"]) == 3
-    assert ckpt["args"]["val_fraction"] == 0.2 and ckpt["args"]["loss"] == "dr-amcl"
+    ckpt = read_checkpoint(run / "model.pt")
+    assert list(ckpt.splits.test) == chosen and len(ckpt.splits.val) == 3
+    assert ckpt.args["val_fraction"] == 0.2 and ckpt.args["loss"] == "dr-amcl"
     patients = tmp_path / "test.txt"
-    patients.write_text("\n".join(ckpt["splits"]["test"]) + "\n")
+    patients.write_text("\n".join(ckpt.splits.test) + "\n")
     _cli(["evaluate", str(run / "model.pt"), "--manifest", str(cohort), "--patients", str(patients),
           "--out", str(tmp_path / "eval.json"), "--cache-dir", str(cache)])
     again = json.loads((tmp_path / "eval.json").read_text())
@@ -282,7 +281,7 @@ def test_config_validation(tmp_path, change, match):
     from liverstage.runtime.errors import InputError
 
     with pytest.raises(InputError, match=match):
-        TrainConfig(manifest=tmp_path / "m.csv", out=tmp_path / "run", **change).validate()
+        RunConfig.from_options({"manifest": tmp_path / "m.csv", "out": tmp_path / "run", **change})
 
 
 @pytest.mark.slow
@@ -306,7 +305,7 @@ def test_resume_after_a_real_kill(cohort, cache, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "b" / "model.pt").exists()
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] >= 1
+    assert read_checkpoint(tmp_path / "b" / "last.pt").epoch >= 1
     resumed = subprocess.run(argv(tmp_path / "b", "--resume"), capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
@@ -335,3 +334,20 @@ def test_train_on_gpu_with_amp(cohort, cache, tmp_path):
     on_cpu = predict_crops(load_checkpoint(run / "model.pt")[0], images)
     assert np.allclose(on_gpu["probs"], on_cpu["probs"], atol=1e-4)
     assert np.allclose(on_gpu["cosine"], on_cpu["cosine"], atol=1e-4)
+
+
+def test_train_takes_every_crops_option_and_stores_it(cohort, cache, tmp_path):
+    """The preprocessing options of `liverstage crops` (and its --spec file) train a model whose
+    checkpoint carries exactly that PreprocessSpec."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(PreprocessSpec(crop_size=40, clip_low=-1.0).to_json())
+    _cli(["train", "--manifest", str(cohort), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32",
+          "--spec", str(spec_file), "--crop-size", str(CROP), "--box-margin", "0.3", "--min-area-fraction", "0.4",
+          "--percentile-low", "1", "--percentile-high", "99", "--clip-high", "2", "--cache-dir", str(cache),
+          "--device", "cpu", "--no-progress"])
+    expected = PreprocessSpec(crop_size=CROP, box_margin=0.3, min_area_fraction=0.4, percentile_low=1.0,
+                              percentile_high=99.0, clip_low=-1.0, clip_high=2.0)
+    ckpt = read_checkpoint(tmp_path / "run" / "model.pt")
+    assert ckpt.preprocess == expected
+    assert {k: ckpt.args[k] for k in PreprocessSpec.option_names()} == {
+        k: v for k, v in expected.to_dict().items() if k != "version"}

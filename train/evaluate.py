@@ -21,12 +21,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from liverstage.runtime import checks
 from liverstage.runtime.atomic import write_json, write_text
 from liverstage.runtime.errors import BackendUnavailable, InputError
+from liverstage.runtime.jsonsafe import json_safe
 from liverstage.runtime.stages import STAGES
 
 from .data import CropData
-from .metrics import compute_metrics, to_jsonable
+from .metrics import compute_metrics
 
 PREDICTION_COLUMNS = ("patient_id", "slice", "label", "predicted",
                       *(f"prob_{s}" for s in STAGES), *(f"cos_{s}" for s in STAGES))
@@ -34,16 +36,12 @@ PREDICTION_COLUMNS = ("patient_id", "slice", "label", "predicted",
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda if available else cpu; 'cuda' without a GPU -> BackendUnavailable."""
-    name = str(name).lower()
+    name = checks.device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("--device cuda was asked for, but no CUDA GPU is available here")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailable("--device cuda was asked for, but no CUDA GPU is available here")
+    return torch.device(name)
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
@@ -154,11 +152,11 @@ def evaluate_checkpoint(model_path: str | os.PathLike, manifest: str | os.PathLi
     own PreprocessSpec; writes `out` (metrics JSON) and `predictions` (CSV) when given."""
     from liverstage.runtime.manifest import read_manifest  # noqa: PLC0415
 
-    from .checkpoint import checkpoint_spec, load_checkpoint  # noqa: PLC0415
+    from .checkpoint import load_checkpoint  # noqa: PLC0415
     from .data import default_cache_dir, load_crops  # noqa: PLC0415
 
-    model, ckpt = load_checkpoint(model_path)
-    spec = checkpoint_spec(ckpt)
+    model, checkpoint = load_checkpoint(model_path)
+    spec = checkpoint.preprocess
     rows = read_manifest(manifest)
     if patients is not None:
         wanted = {str(p) for p in patients}
@@ -174,7 +172,7 @@ def evaluate_checkpoint(model_path: str | os.PathLike, manifest: str | os.PathLi
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
     metrics, raw = evaluate_data(model, data, batch_size=batch_size, device=dev)
-    metrics = to_jsonable(metrics)
+    metrics = json_safe(metrics)
     if out is not None:
         write_json(out, metrics)
     if predictions is not None:

@@ -26,9 +26,7 @@ Protocol:
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +35,15 @@ from typing import Any, Sequence
 from ..runtime.atomic import write_json, write_text
 from ..runtime.errors import InputError
 from ..runtime.provenance import file_sha256
-from .tables import LOSS_ORDER, MARGIN_LOSSES, RunResult, build_tables, method_label
+from ..runtime import checks
+from ..runtime.jsonsafe import json_safe
+from .config import (LOSSES, MARGIN_LOSSES, NON_RESULT_OPTIONS, PER_RUN_OPTIONS, RunConfig, default_options,
+                     option_names, refuse_unknown)
+from .tables import RunResult, build_tables, method_label
 
 RESULTS_FORMAT = "liverstage-experiment-results"
 SETTINGS_FORMAT = "liverstage-experiment"
-# Train options that do not change results (where and how fast), so a restart may change them.
-NON_RESULT_OPTIONS = frozenset({"device", "workers", "cache_dir", "progress"})
-# TrainConfig fields the experiment itself sets per run.
-PER_RUN_FIELDS = frozenset({"manifest", "backbone", "loss", "margin", "seed", "out", "resume", "overwrite",
-                            "test_patients", "test_fraction"})
+_DEFAULTS = default_options()
 
 
 @dataclass
@@ -58,38 +56,36 @@ class ExperimentConfig:
     losses: Sequence[str] = ("softmax", "amcl", "dr-amcl")
     margins: Sequence[float] = (0.5,)
     runs: int = 6
-    seed: int = 0
-    test_fraction: float = 0.2
+    seed: int = _DEFAULTS["seed"]
+    test_fraction: float = _DEFAULTS["test_fraction"]
     note: str = ""                                  # e.g. "phantoms": shown in titles
-    train_options: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field
+    train_options: dict[str, Any] = field(default_factory=dict)  # any other RunConfig option (flat names)
 
     def validate(self) -> None:
         if not Path(self.manifest).is_file():
             raise InputError(f"manifest not found: {self.manifest}")
-        if self.runs < 1:
-            raise InputError(f"--runs must be at least 1, got {self.runs}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise InputError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
+        checks.integer(self.runs, "--runs", low=1)
+        checks.fraction(self.test_fraction, "--test-fraction", low_open=True)
         if not self.backbones:
             raise InputError("--backbones needs at least one backbone")
         if len(set(self.backbones)) != len(self.backbones):
             raise InputError(f"--backbones lists a name twice: {','.join(self.backbones)}")
-        bad = [l for l in self.losses if l not in LOSS_ORDER]
+        bad = [l for l in self.losses if l not in LOSSES]
         if bad or not self.losses:
-            raise InputError(f"unknown loss {','.join(bad) or '(none)'} (expected some of {', '.join(LOSS_ORDER)})")
+            raise InputError(f"unknown loss {','.join(bad) or '(none)'} (expected some of {', '.join(LOSSES)})")
         if len(set(self.losses)) != len(self.losses):
             raise InputError(f"--losses lists a loss twice: {','.join(self.losses)}")
         if any(l in MARGIN_LOSSES for l in self.losses):
             if not self.margins:
                 raise InputError("--margins needs at least one margin for amcl / dr-amcl")
             for m in self.margins:
-                if not (math.isfinite(m) and 0.0 <= m < math.pi / 2):
-                    raise InputError(f"--margins: {m} is outside [0, pi/2)")
+                checks.margin(m, "--margins")
             if len({round(m, 6) for m in self.margins}) != len(self.margins):
                 raise InputError(f"--margins lists a margin twice: {self.margins}")
-        clash = sorted(PER_RUN_FIELDS & set(self.train_options))
+        clash = sorted(PER_RUN_OPTIONS & set(self.train_options))
         if clash:
             raise InputError(f"train option(s) {', '.join(clash)} are set by the experiment per run")
+        refuse_unknown(self.train_options)
 
 
 @dataclass(frozen=True)
@@ -109,7 +105,7 @@ class Method:
 def methods_for(config: ExperimentConfig) -> list[Method]:
     """Backbones in the given order; losses in the paper's order; margins ascending."""
     out = []
-    losses = sorted(config.losses, key=LOSS_ORDER.index)
+    losses = sorted(config.losses, key=LOSSES.index)
     for b in config.backbones:
         for l in losses:
             if l in MARGIN_LOSSES:
@@ -119,49 +115,12 @@ def methods_for(config: ExperimentConfig) -> list[Method]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):
-        return _jsonable(value.item())
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return str(value)
-
-
-def trainer_defaults() -> dict:
-    """TrainConfig's default value of every field that has one."""
-    from .trainer import TrainConfig  # noqa: PLC0415
-
-    out = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-    return out
-
-
 def effective_train_options(config: ExperimentConfig) -> dict:
-    """Every TrainConfig option as it will be used (trainer defaults overlaid with the given ones),
-    without the per-run fields. Unknown option names are refused here, before any training."""
-    from .trainer import TrainConfig  # noqa: PLC0415
-
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(config.train_options) - set(fields))
-    if unknown:
-        raise InputError(f"unknown train option(s): {', '.join(unknown)}")
-    defaults = trainer_defaults()
-    return {name: config.train_options.get(name, defaults.get(name)) for name in fields
-            if name not in PER_RUN_FIELDS and (name in config.train_options or name in defaults)}
+    """Every train option as it will be used (RunConfig defaults overlaid with the given ones),
+    without the per-run options."""
+    refuse_unknown(config.train_options)
+    return {name: config.train_options.get(name, _DEFAULTS.get(name)) for name in option_names()
+            if name not in PER_RUN_OPTIONS and (name in config.train_options or name in _DEFAULTS)}
 
 
 def pinned_settings(config: ExperimentConfig) -> dict:
@@ -171,7 +130,7 @@ def pinned_settings(config: ExperimentConfig) -> dict:
         "manifest_sha256": file_sha256(Path(config.manifest)),
         "seed": int(config.seed),
         "test_fraction": float(config.test_fraction),
-        "train_options": _jsonable({k: v for k, v in sorted(options.items()) if k not in NON_RESULT_OPTIONS}),
+        "train_options": json_safe({k: v for k, v in sorted(options.items()) if k not in NON_RESULT_OPTIONS}),
     }
 
 
@@ -186,7 +145,7 @@ def _check_or_write_settings(config: ExperimentConfig) -> None:
         old = dict(stored.get("pinned", {}))
         # A trainer option added after the experiment was started did not exist then; its default
         # is what those runs used, so it is not a change. (A removed option is ignored likewise.)
-        defaults = _jsonable(trainer_defaults())
+        defaults = json_safe(_DEFAULTS)
         old_opts = dict(old.get("train_options") or {})
         new_opts = pinned["train_options"]
         for key in set(new_opts) - set(old_opts):
@@ -256,27 +215,23 @@ def metrics_from_predictions(run_dir: Path) -> dict:
     from .plots import read_predictions  # noqa: PLC0415
 
     pred = read_predictions(Path(run_dir) / "predictions.csv")
-    return _jsonable(compute_metrics(pred["labels"], pred["probs"], pred["patient_ids"]))
+    return json_safe(compute_metrics(pred["labels"], pred["probs"], pred["patient_ids"]))
 
 
 def _train_config(config: ExperimentConfig, method: Method, run: int, run_dir: Path, test_ids: list[str],
-                  resume: bool):
-    """A TrainConfig for one (run, method); every field not set here keeps the trainer's default."""
-    from .trainer import TrainConfig  # noqa: PLC0415
-
-    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kwargs = dict(config.train_options)
+                  resume: bool) -> RunConfig:
+    """The RunConfig of one (run, method); every option not set here keeps its default."""
+    options = dict(config.train_options)
     # resume from last.pt (checkpointed every epoch) where a killed run left one; otherwise start
     # afresh, replacing whatever partial files an unfinished run left behind
-    kwargs.update(manifest=Path(config.manifest), backbone=method.backbone, loss=method.loss,
-                  seed=int(config.seed) + run, out=run_dir, resume=resume, overwrite=not resume,
-                  test_fraction=float(config.test_fraction))
+    options.update(manifest=Path(config.manifest), backbone=method.backbone, loss=method.loss,
+                   seed=int(config.seed) + run, out=run_dir, resume=resume, overwrite=not resume,
+                   test_fraction=float(config.test_fraction), test_patients=list(test_ids))
     if method.margin is not None:
-        kwargs["margin"] = method.margin
-    if method.loss == "softmax" and "warmup_epochs" in kwargs:
-        kwargs["warmup_epochs"] = 0  # the ASM warm-up of the angular heads; softmax has none
-    kwargs["test_patients"] = list(test_ids)
-    return TrainConfig(**{k: v for k, v in kwargs.items() if k in names})
+        options["margin"] = method.margin
+    if method.loss == "softmax" and "warmup_epochs" in options:
+        options["warmup_epochs"] = 0  # the ASM warm-up of the angular heads; softmax has none
+    return RunConfig.from_options(options)
 
 
 def _progress(total: int, enabled: bool):
@@ -304,10 +259,9 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> dict:
     config.validate()
     methods = methods_for(config)
     out = Path(config.out)
-    effective_train_options(config)  # unknown option names are refused here
-    # every train option is checked by the trainer's own validation before anything is written
+    # every train option is checked by RunConfig before anything is written
     for method in methods:
-        _train_config(config, method, 0, out / "runs" / "0" / method.dirname, ["-"], False).validate()
+        _train_config(config, method, 0, out / "runs" / "0" / method.dirname, ["-"], False)
     patients, stages = patients_and_stages(Path(config.manifest))
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_settings(config)
@@ -386,7 +340,7 @@ def write_outputs(config: ExperimentConfig, results: list[RunResult], splits: di
         "settings": {
             "backbones": list(config.backbones), "losses": list(config.losses),
             "margins": [float(m) for m in config.margins], "runs": int(config.runs), "seed": int(config.seed),
-            "test_fraction": float(config.test_fraction), "train_options": _jsonable(effective_train_options(config)),
+            "test_fraction": float(config.test_fraction), "train_options": json_safe(effective_train_options(config)),
         },
         "metrics_source": "train.metrics.compute_metrics on each run's predictions.csv",
         "std": "sample standard deviation over runs (ddof=1)",
@@ -395,8 +349,8 @@ def write_outputs(config: ExperimentConfig, results: list[RunResult], splits: di
         "splits": {str(r): {"seed": s["seed"], "test": s["test"]} for r, s in splits.items()},
         "runs": [dict(r.to_dict(), method=method_label(r.backbone, r.loss, r.margin, show_margin=show_margin))
                  for r in results],
-        "paired_vs_softmax": _jsonable(paired),
+        "paired_vs_softmax": json_safe(paired),
         "files": written,
     }
-    write_json(out / "results.json", _jsonable(summary))
+    write_json(out / "results.json", json_safe(summary))
     return summary

@@ -5,7 +5,7 @@ calling it with `(embeddings [N, D], labels [N])` returns the mean loss over the
 `logits(embeddings)` gives the inference scores (no margin), `cosine(embeddings)` the cosine of
 each embedding to each class weight.
 
-Numerics (see DESIGN.md "Numerics worth knowing"):
+Numerics (see docs/architecture.md, "Numerics worth knowing"):
 - The angular heads always run in float32 with autocast disabled: a 2048-d ReLU feature's sum of
   squares overflows float16, and F.normalize's eps rounds to 0 there.
 - cos(theta + m) is computed as cos(t) cos(m) - sin(t) sin(m) with sin(t) = sqrt(1 - cos^2 t)
@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from liverstage.runtime import checks
 
 # Floor on DR-AMCL's numerator, relative to its own first term e^{s cos(theta_y + m)}.
 DR_NUMERATOR_FLOOR = 1e-4
@@ -111,14 +113,10 @@ class AngularMarginLoss(nn.Module):
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim!r}")
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
-        if not float(scale) > 0 or not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
-        if not 0.0 <= float(margin) < math.pi / 2:
-            raise ValueError(f"margin must be in [0, pi/2) radians, got {margin!r}")
         self.embedding_dim = int(embedding_dim)
         self.num_classes = int(num_classes)
-        self.scale = float(scale)
-        self.margin = float(margin)
+        self.scale = checks.positive(scale, "scale")
+        self.margin = checks.margin(margin, "margin")
         self.dynamic = bool(dynamic)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim))
         # Gaussian rows point in uniformly random directions: nearly orthogonal classes at start.

@@ -14,13 +14,12 @@
 
 A class absent from the test set does not crash anything: its precision / recall / F1 are 0
 (scikit-learn's zero_division=0), a mis-staging rate with no crops of its source stage is NaN,
-and an AUC whose positive or negative set is empty is NaN. `to_jsonable` turns NaN into None
-for metrics.json (JSON has no NaN).
+and an AUC whose positive or negative set is empty is NaN. metrics.json holds them
+as null (runtime/jsonsafe.py, the one NaN policy).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -112,19 +111,3 @@ def _patient_interval(per_patient: np.ndarray, *, weights: np.ndarray | None = N
     """{"low", "high"}: NaN (None in JSON) with a single test patient."""
     interval = bootstrap_interval(per_patient, weights=weights, n_resamples=BOOTSTRAP_RESAMPLES)
     return {"low": interval.low, "high": interval.high}
-
-
-def to_jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    """NaN / inf -> None (recursively), numpy scalars -> Python, for strict JSON."""
-    def conv(v):
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if hasattr(v, "item") and not isinstance(v, (list, dict)):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
-
-    return conv(metrics)

@@ -16,9 +16,9 @@ from liverstage.runtime.errors import InputError
 from liverstage.runtime.stages import STAGES
 
 from .backbones import build_backbone
+from .config import LOSSES
 from .losses import AngularMarginLoss, SoftmaxHead
 
-LOSSES = ("softmax", "asm", "amcl", "dr-amcl")
 
 
 class StagingNet(nn.Module):

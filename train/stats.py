@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from liverstage.runtime.jsonsafe import json_safe
+
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
@@ -39,8 +41,7 @@ class Interval:
     method: str  # "t" or "bootstrap"
 
     def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in asdict(self).items()}
+        return json_safe(asdict(self))
 
 
 def _as_1d(values, name: str) -> np.ndarray:

@@ -29,10 +29,9 @@ from typing import Sequence
 import numpy as np
 
 from ..runtime.atomic import write_text
+from .config import LOSSES, MARGIN_LOSSES
 from .stats import paired_comparison
 
-LOSS_ORDER = ("softmax", "asm", "amcl", "dr-amcl")
-MARGIN_LOSSES = ("amcl", "dr-amcl")
 LOSS_LABELS = {"softmax": "", "asm": "+ASM", "amcl": "+AMCL", "dr-amcl": "+DR-AMCL"}
 BACKBONE_LABELS = {"vgg16": "VGG16", "resnet18": "ResNet18", "resnet50": "ResNet50",
                    "resnet34": "ResNet34", "resnet101": "ResNet101", "vgg11": "VGG11", "vgg19": "VGG19"}
@@ -85,7 +84,7 @@ def method_label(backbone: str, loss: str, margin: float | None, *, show_margin:
 def _method_sort_key(method: tuple, backbone_order: Sequence[str]) -> tuple:
     backbone, loss, margin = method
     b = backbone_order.index(backbone) if backbone in backbone_order else len(backbone_order)
-    l = LOSS_ORDER.index(loss) if loss in LOSS_ORDER else len(LOSS_ORDER)
+    l = LOSSES.index(loss) if loss in LOSSES else len(LOSSES)
     return (b, backbone, l, loss, -1.0 if margin is None else margin)
 
 

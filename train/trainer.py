@@ -1,4 +1,4 @@
-"""`train_run(TrainConfig) -> RUN`: one readable training loop (after torchvision's reference script).
+"""`train_run(RunConfig) -> RUN`: one readable training loop (after torchvision's reference script).
 
 What a run does:
 1. Reads the manifest, makes every crop once through the runtime's preprocessing (cached on disk
@@ -42,93 +42,18 @@ from torch import nn
 
 from liverstage.runtime.atomic import write_json, write_text
 from liverstage.runtime.errors import InputError, LiverstageError
+from liverstage.runtime.jsonsafe import json_safe
 from liverstage.runtime.manifest import read_manifest
-from liverstage.runtime.spec import PreprocessSpec
 
-from .checkpoint import checkpoint_dict, read_checkpoint_dict, write_checkpoint_dict
+from .config import RESUME_OPTIONS, RunConfig, default_options
+from .checkpoint import Checkpoint, Splits, read_checkpoint, write_checkpoint
 from .data import CropData, augment, default_cache_dir, draw_augmentation, epoch_generator, load_crops
 from .evaluate import amp_dtype_for, autocast_context, evaluate_data, predictions_csv, resolve_device
-from .metrics import to_jsonable
-from .model import LOSSES, StagingNet, build_model
+from .model import StagingNet, build_model
 from .splits import patient_split, split_with_test
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                    "val_kappa_quadratic", "val_patient_accuracy", "seconds", "crops_per_second")
-# Arguments that must be equal for --resume to continue a run (epochs may grow).
-RESUME_KEYS = ("manifest", "backbone", "loss", "scale", "margin", "lr", "batch_size", "crop_size",
-               "seed", "val_fraction", "test_fraction", "test_patients", "pretrained", "warmup_epochs")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every argument of `liverstage train` (see `validate` for the allowed values)."""
-
-    manifest: Path
-    out: Path
-    backbone: str = "resnet18"
-    loss: str = "amcl"
-    scale: float = 30.0
-    margin: float = 0.5
-    epochs: int = 100
-    lr: float = 5e-5
-    batch_size: int = 32
-    crop_size: int = 224
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    val_fraction: float = 0.0
-    warmup_epochs: int = 0
-    test_fraction: float = 0.2
-    test_patients: list[str] | None = None
-    pretrained: Path | None = None
-    workers: int = 0
-    cache_dir: Path | None = None
-    progress: bool = True
-    overwrite: bool = False
-
-    def validate(self) -> "TrainConfig":
-        self.manifest = Path(self.manifest)
-        self.out = Path(self.out)
-        if self.loss not in LOSSES:
-            raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise InputError(f"--scale must be a positive number, got {self.scale!r}")
-        if not 0.0 <= self.margin < math.pi / 2:
-            raise InputError(f"--margin must be in [0, pi/2) radians, got {self.margin!r}")
-        if self.loss == "asm":
-            self.margin = 0.0  # ASM is the angular head without margin
-        if self.warmup_epochs and self.loss == "softmax":
-            raise InputError("--warmup-epochs applies to the angular losses (asm, amcl, dr-amcl), not softmax")
-        for name, low in (("epochs", 1), ("batch_size", 2), ("workers", 0), ("warmup_epochs", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"--lr must be a positive number, got {self.lr!r}")
-        if not isinstance(self.crop_size, int) or not 16 <= self.crop_size <= 2048:
-            raise InputError(f"--crop-size must be an integer in [16, 2048], got {self.crop_size!r}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise InputError(f"test fraction must be in (0, 1), got {self.test_fraction!r}")
-        if not 0.0 <= self.val_fraction < 1.0 - self.test_fraction:
-            raise InputError(f"--val-fraction must be in [0, {1 - self.test_fraction:g}), got {self.val_fraction!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.pretrained is not None:
-            self.pretrained = Path(self.pretrained)
-            if not self.pretrained.is_file():
-                raise InputError(f"--pretrained file not found: {self.pretrained}")
-        if self.test_patients is not None:
-            self.test_patients = sorted({str(p) for p in self.test_patients})
-        return self
-
-    def to_args(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else v)
-        if self.manifest:
-            out["manifest"] = str(Path(self.manifest).resolve())
-        return out
 
 
 class TrainStep(nn.Module):
@@ -229,16 +154,18 @@ def train_steps(step: nn.Module, optimizer: torch.optim.Optimizer, scaler, image
     return loss_sum, correct, seen
 
 
-def _check_resume(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    now = config.to_args()
-    for key in RESUME_KEYS:
+def _check_resume(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
+    """--resume continues only the same run: every option that shapes results must match (epochs may
+    grow). An option missing from an older checkpoint had its default then."""
+    saved = {**default_options(), **saved}
+    now = config.options()
+    for key in RESUME_OPTIONS:
         if saved.get(key) != now.get(key):
             raise InputError(f"--resume: {path} was trained with {key}={saved.get(key)!r}, not {now.get(key)!r}")
 
 
-def train_run(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> Path:
+def train_run(config: RunConfig, *, log: Callable[[str], None] | None = None) -> Path:
     """Train as `config` says; return the RUN directory (config.out)."""
-    config.validate()
     dist_info = _init_distributed(config.device)
     try:
         return _train(config, dist_info, log or _log_default)
@@ -247,189 +174,270 @@ def train_run(config: TrainConfig, *, log: Callable[[str], None] | None = None) 
             torch.distributed.destroy_process_group()
 
 
-def _train(config: TrainConfig, dist_info: _Dist, log: Callable[[str], None]) -> Path:
-    main = dist_info.main
-    say = log if main else (lambda _line: None)
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What every step of a run needs: its config, the process group, the device and the log."""
+
+    config: RunConfig
+    dist: _Dist
+    device: torch.device
+    say: Callable[[str], None]  # rank 0 logs; the other ranks stay quiet
+
+    @property
+    def last_path(self) -> Path:
+        return self.config.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.config.out / "best.pt"
+
+    @property
+    def eval_batch_size(self) -> int:
+        return max(self.config.batch_size, 64)
+
+
+def _train(config: RunConfig, dist_info: _Dist, log: Callable[[str], None]) -> Path:
+    """The run, step by step (after torchvision's reference script: train_one_epoch, evaluate)."""
+    setup = _Setup(config, dist_info, _run_device(config, dist_info), log if dist_info.main else (lambda _line: None))
+    _refuse_a_finished_run(config)
+    rows = read_manifest(config.manifest)  # before any crop is cut: a bad manifest fails fast
+    saved, splits = _resume_or_split(setup, rows)
+    crops = _load_data(setup, rows)
+    train_data, val_data, test_data = crops.subset(splits.train), crops.subset(splits.val), crops.subset(splits.test)
+    setup.say(f"{len(crops)} crops of {len({r.patient_id for r in rows})} patients; train {len(splits.train)} patients / "
+              f"{len(train_data)} crops, val {len(splits.val)} / {len(val_data)}, test {len(splits.test)} / "
+              f"{len(test_data)}; device {setup.device}" + (f" x{dist_info.world} processes" if dist_info.world > 1 else ""))
+    model, optimizer = _model_and_optimizer(setup)
+    history: list[dict[str, Any]] = list(saved.history or []) if saved is not None else []
+    best: dict[str, Any] | None = saved.best if saved is not None else None
+    if saved is not None:
+        model.load_state_dict(saved.state_dict)
+        optimizer.load_state_dict(saved.optimizer)
+    trainer = _Trainer.for_model(setup, model, optimizer, train_data)
+    fields = dict(preprocess=config.preprocess, args=config.options(), splits=splits, manifest=config.manifest)
+    for epoch in range(saved.epoch if saved is not None else 0, config.epochs):
+        t0 = time.perf_counter()
+        row, seen = trainer.train_one_epoch(epoch)
+        best, improved = _validate(setup, model, val_data, row, best) if dist_info.main and len(val_data) else (best, False)
+        row["seconds"] = time.perf_counter() - t0
+        row["crops_per_second"] = seen / row["seconds"]
+        history.append(row)
+        if dist_info.main:
+            _save_epoch(setup, model, optimizer, fields, history, best, improved)
+        dist_info.barrier()
+    ddp_info = _weight_checksums(setup, model)
+    if dist_info.main:
+        _finish(setup, model, test_data, history, best if len(val_data) else None, fields, ddp_info)
+    dist_info.barrier()
+    return config.out
+
+
+def _run_device(config: RunConfig, dist_info: _Dist) -> torch.device:
     device = resolve_device(config.device)
     if device.type == "cuda" and dist_info.world > 1:
         device = torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+def _refuse_a_finished_run(config: RunConfig) -> None:
     run = config.out
-    last_path, best_path = run / "last.pt", run / "best.pt"
     if not config.resume and not config.overwrite and ((run / "last.pt").exists() or (run / "model.pt").exists()):
         raise InputError(f"{run} already holds a run; use --resume to continue it or choose another --out")
 
-    # ---- resume state or a fresh split (before any crop is cut: a bad manifest fails fast)
-    rows = read_manifest(config.manifest)
-    spec = PreprocessSpec(crop_size=config.crop_size)
+
+def _resume_or_split(setup: _Setup, rows) -> tuple[Checkpoint | None, Splits]:
+    """With --resume and a last.pt: that checkpoint and its splits; else a fresh patient split."""
+    config = setup.config
+    if config.resume and setup.last_path.is_file():
+        saved = read_checkpoint(setup.last_path)
+        _check_resume(saved.args, config, setup.last_path)
+        setup.say(f"resuming {config.out} after epoch {saved.epoch}")
+        return saved, saved.splits
+    if config.resume:
+        setup.say(f"nothing to resume in {config.out}; starting a new run")
+    if setup.dist.main:  # a fresh start must not pick up an earlier run's best epoch
+        for stale in (setup.last_path, setup.best_path):
+            stale.unlink(missing_ok=True)
     stage_of = {r.patient_id: r.stage for r in rows}
     pids, stages = list(stage_of), list(stage_of.values())
-    state = None
-    if config.resume and last_path.is_file():
-        state = read_checkpoint_dict(last_path)
-        _check_resume(state["args"], config, last_path)
-        splits = state["splits"]
-        say(f"resuming {run} after epoch {state['epoch']}")
+    if config.test_patients:
+        train_ids, val_ids, test_ids = split_with_test(pids, stages, config.test_patients,
+                                                       val_fraction=config.val_fraction, seed=config.seed)
     else:
-        if config.resume:
-            say(f"nothing to resume in {run}; starting a new run")
-        if main:  # a fresh start must not pick up an earlier run's best epoch
-            for stale in (last_path, best_path):
-                stale.unlink(missing_ok=True)
-        if config.test_patients:
-            train_ids, val_ids, test_ids = split_with_test(pids, stages, config.test_patients,
-                                                           val_fraction=config.val_fraction, seed=config.seed)
-        else:
-            train_ids, val_ids, test_ids = patient_split(pids, stages, test_fraction=config.test_fraction,
-                                                         val_fraction=config.val_fraction, seed=config.seed)
-        splits = {"train": train_ids, "val": val_ids, "test": test_ids}
+        train_ids, val_ids, test_ids = patient_split(pids, stages, test_fraction=config.test_fraction,
+                                                     val_fraction=config.val_fraction, seed=config.seed)
+    return None, Splits.from_mapping({"train": train_ids, "val": val_ids, "test": test_ids})
 
-    # ---- data (rank 0 fills the cache first, the others then read it; a failure on rank 0
-    # still reaches the barrier, so the other ranks meet the same error instead of hanging)
+
+def _load_data(setup: _Setup, rows) -> CropData:
+    """Every crop in memory. Rank 0 fills the cache first, the others then read it; a failure on
+    rank 0 still reaches the barrier, so the other ranks meet the same error instead of hanging."""
+    config = setup.config
     cache_dir = config.cache_dir if config.cache_dir is not None else default_cache_dir()
     crops: CropData | None = None
     failure: LiverstageError | None = None
-    if main:
+    if setup.dist.main:
         try:
-            crops = load_crops(rows, spec, cache_dir=cache_dir, workers=config.workers, progress=config.progress)
+            crops = load_crops(rows, config.preprocess, cache_dir=cache_dir, workers=config.workers,
+                               progress=config.progress)
         except LiverstageError as exc:
             failure = exc
-    dist_info.barrier()
+    setup.dist.barrier()
     if failure is not None:
         raise failure
-    if not main:
-        crops = load_crops(rows, spec, cache_dir=cache_dir, workers=0, progress=False)
+    if not setup.dist.main:
+        crops = load_crops(rows, config.preprocess, cache_dir=cache_dir, workers=0, progress=False)
     assert crops is not None
-    train_data, val_data, test_data = (crops.subset(splits[k]) for k in ("train", "val", "test"))
-    say(f"{len(crops)} crops of {len(pids)} patients; train {len(splits['train'])} patients / {len(train_data)} crops, "
-        f"val {len(splits['val'])} / {len(val_data)}, test {len(splits['test'])} / {len(test_data)}; device {device}"
-        + (f" x{dist_info.world} processes" if dist_info.world > 1 else ""))
+    return crops
 
-    # ---- model and optimiser
+
+def _model_and_optimizer(setup: _Setup) -> tuple[StagingNet, torch.optim.Optimizer]:
+    config, device = setup.config, setup.device
     torch.manual_seed(config.seed)
     model = build_model(config.backbone, config.loss, scale=config.scale, margin=config.margin,
                         pretrained=config.pretrained).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state.get("history") or [])
-        best = state.get("best")
-        start_epoch = int(state["epoch"])
-    step: nn.Module = TrainStep(model)
-    if dist_info.world > 1:
-        step = nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = amp_dtype_for(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return model, torch.optim.Adam(model.parameters(), lr=config.lr)
 
-    images = torch.from_numpy(train_data.images)
-    if device.type == "cuda" and images.numel() * 4 < 4 << 30:
-        images = images.to(device)  # whole training set on the GPU: no per-batch copies
-    labels = torch.from_numpy(train_data.labels).to(device)
-    n_train = len(train_data)
-    args = config.to_args()
-    fields = dict(preprocess=spec, args=args, splits=splits, manifest=config.manifest)
 
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(_seed_int(config.seed, epoch, 1 + dist_info.rank))
+@dataclasses.dataclass
+class _Trainer:
+    """The training side of one run: the step (DDP-wrapped under torchrun), AMP, the training crops."""
+
+    setup: _Setup
+    model: StagingNet
+    step: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    amp_dtype: torch.dtype | None
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def for_model(cls, setup: _Setup, model: StagingNet, optimizer: torch.optim.Optimizer,
+                  train_data: CropData) -> "_Trainer":
+        device = setup.device
+        step: nn.Module = TrainStep(model)
+        if setup.dist.world > 1:
+            step = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        amp_dtype = amp_dtype_for(device)
+        images = torch.from_numpy(train_data.images)
+        if device.type == "cuda" and images.numel() * 4 < 4 << 30:
+            images = images.to(device)  # whole training set on the GPU: no per-batch copies
+        return cls(setup, model, step, optimizer, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+                   amp_dtype, images, torch.from_numpy(train_data.labels).to(device))
+
+    def batches(self, epoch: int) -> tuple[list[torch.Tensor], Any]:
+        """This process's batches (index tensors) and the augmentation of epoch `epoch`: a function
+        of (seed, epoch) only, so a resumed run sees the same data order."""
+        config, dist = self.setup.config, self.setup.dist
+        n_train = len(self.labels)
+        torch.manual_seed(_seed_int(config.seed, epoch, 1 + dist.rank))  # dropout
         gen = epoch_generator(config.seed, epoch)
         order = torch.randperm(n_train, generator=gen)
         aug = draw_augmentation(n_train, gen)
-        if dist_info.world > 1:
-            pad = (-n_train) % dist_info.world
-            order = torch.cat([order, order[:pad]])[dist_info.rank::dist_info.world]
-        batches = [b for b in order.split(config.batch_size) if len(b) > 1]
-        model.train()
-        if hasattr(model.head, "warmup"):  # angular heads: plain ASM for the first warmup_epochs
-            model.head.warmup = epoch < config.warmup_epochs
+        if dist.world > 1:
+            pad = (-n_train) % dist.world
+            order = torch.cat([order, order[:pad]])[dist.rank::dist.world]
+        return [b for b in order.split(config.batch_size) if len(b) > 1], aug
+
+    def train_one_epoch(self, epoch: int) -> tuple[dict[str, Any], float]:
+        """One pass over the training crops: the history row (epoch, train loss and accuracy over all
+        processes) and the number of crops seen."""
+        config, device = self.setup.config, self.setup.device
+        batches, aug = self.batches(epoch)
+        self.model.train()
+        angular = hasattr(self.model.head, "warmup")
+        if angular:  # plain ASM for the first warmup_epochs
+            self.model.head.warmup = epoch < config.warmup_epochs
         bar = None
-        if main and config.progress:
+        if self.setup.dist.main and config.progress:
             from tqdm.auto import tqdm  # noqa: PLC0415
 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
         try:
-            loss_sum, correct, seen = train_steps(step, optimizer, scaler, images, labels, batches, aug,
-                                                  device=device, amp_dtype=amp_dtype, bar=bar)
+            loss_sum, correct, seen = train_steps(self.step, self.optimizer, self.scaler, self.images, self.labels,
+                                                  batches, aug, device=device, amp_dtype=self.amp_dtype, bar=bar)
         finally:
             if bar is not None:
                 bar.close()
+        if angular:
+            self.model.head.warmup = False  # validation loss is always the configured loss
         totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device, dtype=torch.float64)])
-        if dist_info.world > 1:
+        if self.setup.dist.world > 1:
             torch.distributed.all_reduce(totals)
         train_loss = float(totals[0] / totals[2].clamp(min=1))
         if not math.isfinite(train_loss):
             raise RuntimeError(f"training loss became {train_loss} at epoch {epoch + 1}")
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss,
-                               "train_accuracy": float(totals[1] / totals[2].clamp(min=1))}
-        improved = False
-        if hasattr(model.head, "warmup"):
-            model.head.warmup = False  # validation loss is always the configured loss
-        if main and len(val_data):
-            val_metrics, _ = evaluate_data(model, val_data, batch_size=max(config.batch_size, 64),
-                                           device=device)
-            row.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"],
-                       val_kappa_quadratic=val_metrics["kappa_quadratic"],
-                       val_patient_accuracy=val_metrics["patient_accuracy"])
-            key = (val_metrics["accuracy"], -val_metrics["loss"])
-            if best is None or key > (best["val_accuracy"], -best["val_loss"]):
-                best = {"epoch": epoch + 1, "val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"]}
-                improved = True
-        seconds = time.perf_counter() - t0
-        row["seconds"] = seconds
-        row["crops_per_second"] = totals[2].item() / seconds
-        history.append(row)
-        if main:
-            if improved:
-                write_checkpoint_dict(best_path, checkpoint_dict(model, epoch=epoch + 1, **fields))
-            last = checkpoint_dict(model, epoch=epoch + 1, **fields,
-                                   extra={"optimizer": optimizer.state_dict(), "history": history, "best": best})
-            write_checkpoint_dict(last_path, last)
-            write_text(run / "history.csv", _history_csv(history))
-            parts = [f"epoch {epoch + 1}/{config.epochs}", f"loss {row['train_loss']:.4f}",
-                     f"acc {row['train_accuracy']:.3f}"]
-            if "val_accuracy" in row:
-                parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.3f}"]
-            parts += [f"{seconds:.1f}s", f"{row['crops_per_second']:.1f} crops/s"]
-            say("  ".join(parts))
-        dist_info.barrier()
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": float(totals[1] / totals[2].clamp(min=1))}
+        return row, totals[2].item()
 
-    # ---- under DDP, record a checksum of every rank's weights (they must agree)
-    ddp_info: dict[str, Any] = {"world_size": dist_info.world}
-    if dist_info.world > 1:
+
+def _validate(setup: _Setup, model: StagingNet, val_data: CropData, row: dict[str, Any],
+              best: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bool]:
+    """Validation figures into `row`; the best epoch so far (accuracy, ties broken by the lower
+    loss) and whether this epoch is it."""
+    metrics, _ = evaluate_data(model, val_data, batch_size=setup.eval_batch_size, device=setup.device)
+    row.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"],
+               val_kappa_quadratic=metrics["kappa_quadratic"], val_patient_accuracy=metrics["patient_accuracy"])
+    if best is None or (metrics["accuracy"], -metrics["loss"]) > (best["val_accuracy"], -best["val_loss"]):
+        return {"epoch": row["epoch"], "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"]}, True
+    return best, False
+
+
+def _save_epoch(setup: _Setup, model: StagingNet, optimizer: torch.optim.Optimizer, fields: dict[str, Any],
+                history: list[dict[str, Any]], best: dict[str, Any] | None, improved: bool) -> None:
+    """best.pt (when validation improved), last.pt, history.csv, and the epoch's log line."""
+    row = history[-1]
+    epoch = row["epoch"]
+    if improved:
+        write_checkpoint(setup.best_path, Checkpoint.of_model(model, epoch=epoch, **fields))
+    write_checkpoint(setup.last_path, Checkpoint.of_model(model, epoch=epoch, **fields, optimizer=optimizer.state_dict(),
+                                                          history=tuple(history), best=best))
+    write_text(setup.config.out / "history.csv", _history_csv(history))
+    parts = [f"epoch {epoch}/{setup.config.epochs}", f"loss {row['train_loss']:.4f}", f"acc {row['train_accuracy']:.3f}"]
+    if "val_accuracy" in row:
+        parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.3f}"]
+    parts += [f"{row['seconds']:.1f}s", f"{row['crops_per_second']:.1f} crops/s"]
+    setup.say("  ".join(parts))
+
+
+def _weight_checksums(setup: _Setup, model: StagingNet) -> dict[str, Any]:
+    """Under DDP, a checksum of every rank's weights (they must agree)."""
+    ddp_info: dict[str, Any] = {"world_size": setup.dist.world}
+    if setup.dist.world > 1:
         with torch.no_grad():
             checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        gathered = [torch.zeros_like(checksum) for _ in range(dist_info.world)]
+        gathered = [torch.zeros_like(checksum) for _ in range(setup.dist.world)]
         torch.distributed.all_gather(gathered, checksum)
         ddp_info["param_checksums"] = [float(t.item()) for t in gathered]
+    return ddp_info
 
-    # ---- the final model and the test set (rank 0 only)
-    if main:
-        chosen = len(history)
-        if len(val_data) and best is not None and best_path.is_file():
-            model.load_state_dict(read_checkpoint_dict(best_path)["state_dict"])
-            chosen = int(best["epoch"])
-            say(f"selected epoch {chosen} on validation patients (accuracy {best['val_accuracy']:.3f})")
-        metrics, raw = evaluate_data(model, test_data, batch_size=max(config.batch_size, 64), device=device)
-        metrics["epoch"] = chosen
-        metrics = to_jsonable(metrics)
-        write_text(run / "predictions.csv", predictions_csv(test_data, raw["probs"], raw["cosine"]))
-        write_json(run / "metrics.json", metrics)
-        write_checkpoint_dict(run / "model.pt", checkpoint_dict(model, epoch=chosen, metrics=metrics, **fields,
-                                                                extra={"distributed": ddp_info}))
-        ci = metrics["accuracy_ci95"]
-        ci_text = f" (95% CI {ci['low']:.2f}-{ci['high']:.2f})" if ci["low"] is not None else ""
-        say(f"test: accuracy {metrics['accuracy']:.4f}{ci_text}  kappa {_fmt(metrics['kappa_quadratic'])}  "
-            f"patient accuracy {metrics['patient_accuracy']:.4f}  MR A->C {_fmt(metrics['mr_a_to_c'])}  "
-            f"MR C->A {_fmt(metrics['mr_c_to_a'])}  -> {run / 'model.pt'}")
-    dist_info.barrier()
-    return run
+
+def _finish(setup: _Setup, model: StagingNet, test_data: CropData, history: list[dict[str, Any]],
+            best: dict[str, Any] | None, fields: dict[str, Any], ddp_info: dict[str, Any]) -> None:
+    """The final model (best validation epoch, else the last) on the test patients: predictions.csv,
+    metrics.json and model.pt (rank 0 only)."""
+    run = setup.config.out
+    chosen = len(history)
+    if best is not None and setup.best_path.is_file():
+        model.load_state_dict(read_checkpoint(setup.best_path).state_dict)
+        chosen = int(best["epoch"])
+        setup.say(f"selected epoch {chosen} on validation patients (accuracy {best['val_accuracy']:.3f})")
+    metrics, raw = evaluate_data(model, test_data, batch_size=setup.eval_batch_size, device=setup.device)
+    metrics["epoch"] = chosen
+    metrics = json_safe(metrics)
+    write_text(run / "predictions.csv", predictions_csv(test_data, raw["probs"], raw["cosine"]))
+    write_json(run / "metrics.json", metrics)
+    write_checkpoint(run / "model.pt", Checkpoint.of_model(model, epoch=chosen, metrics=metrics, **fields,
+                                                            distributed=ddp_info))
+    ci = metrics["accuracy_ci95"]
+    ci_text = f" (95% CI {ci['low']:.2f}-{ci['high']:.2f})" if ci["low"] is not None else ""
+    setup.say(f"test: accuracy {metrics['accuracy']:.4f}{ci_text}  kappa {_fmt(metrics['kappa_quadratic'])}  "
+              f"patient accuracy {metrics['patient_accuracy']:.4f}  MR A->C {_fmt(metrics['mr_a_to_c'])}  "
+              f"MR C->A {_fmt(metrics['mr_c_to_a'])}  -> {run / 'model.pt'}")
 
 
 def _fmt(v) -> str:

@@ -20,6 +20,21 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+def torch_reference():
+    """liverstage.train.reference.TorchEager where torch is installed, else None (the torch row
+    is then skipped); torch itself is only imported when the reference is built."""
+    import importlib.util  # noqa: PLC0415
+
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    from liverstage.train.reference import TorchEager  # noqa: PLC0415
+
+    return TorchEager
+
+
 def print_bench(result: dict, console=None) -> None:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
@@ -82,6 +97,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console  # noqa: PLC0415
 
         from ..atomic import write_json  # noqa: PLC0415
+        from ..jsonsafe import json_safe  # noqa: PLC0415
         from ..bench import BenchConfig, run_bench  # noqa: PLC0415
 
         if device not in ("auto", "cpu", "cuda"):
@@ -89,9 +105,9 @@ def register(app: typer.Typer) -> None:
         cfg = BenchConfig(model=model, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
                           batch_sizes=_int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
                           threads=threads, device=device, input_volume=input_volume, int8_model=int8_model,
-                          engine=engine, checkpoint=checkpoint)
+                          engine=engine, checkpoint=checkpoint, torch_reference=torch_reference())
         err = Console(stderr=True)
         result = run_bench(cfg, log=(lambda s: None) if quiet else (lambda s: err.print(s, highlight=False)))
         if json_out is not None:
-            write_json(json_out, result)
+            write_json(json_out, json_safe(result))
         print_bench(result)

@@ -8,26 +8,26 @@ from typing import Optional
 import typer
 
 from ..errors import InputError
+from ..spec import PreprocessSpec
+from .options import dataclass_options, with_options
 
 CSV_HEADER = "index,file,slice,x0,y0,x1,y1,spacing_x,spacing_y,spacing_z"
 
 
-def _spec_from_options(spec_file: Optional[Path], overrides: dict):
-    from ..spec import PreprocessSpec  # noqa: PLC0415
+SPEC_FILE_HELP = ("PreprocessSpec JSON to start from (e.g. a model's spec.json); "
+                  "the preprocessing options override it.")
 
-    base = PreprocessSpec()
-    if spec_file is not None:
-        if not spec_file.is_file():
-            raise InputError(f"spec file not found: {spec_file}")
-        try:
-            base = PreprocessSpec.from_json(spec_file.read_text(encoding="utf-8"))
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read PreprocessSpec from {spec_file}: {exc}") from None
-    changes = {k: v for k, v in overrides.items() if v is not None}
+
+def spec_from_file(spec_file: Optional[Path]):
+    """The PreprocessSpec in `spec_file`, or the default spec when there is none."""
+    if spec_file is None:
+        return PreprocessSpec()
+    if not spec_file.is_file():
+        raise InputError(f"spec file not found: {spec_file}")
     try:
-        return base.replace(**changes) if changes else base
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"bad preprocessing option: {exc}") from None
+        return PreprocessSpec.from_json(spec_file.read_text(encoding="utf-8"))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read PreprocessSpec from {spec_file}: {exc}") from None
 
 
 def to_uint8(image, low: float, high: float):
@@ -40,6 +40,7 @@ def to_uint8(image, low: float, high: float):
 
 def register(app: typer.Typer) -> None:
     @app.command("crops")
+    @with_options(dataclass_options(PreprocessSpec, optional=True))
     def crops_command(
         volume: Path = typer.Argument(..., help="NIfTI volume (.nii / .nii.gz)."),
         out: Path = typer.Option(..., "--out", "-o", help="Folder to write (PNG crops, crops.csv, spec.json); written whole or not at all."),
@@ -48,19 +49,14 @@ def register(app: typer.Typer) -> None:
         bbox: Optional[str] = typer.Option(None, "--bbox", help="Liver box x0,y0,z0,x1,y1,z1 in the file's voxel coordinates (half-open)."),
         roi: Optional[str] = typer.Option(None, "--roi", help="'auto': rough liver region heuristic for axial abdominal MRI, no mask needed."),
         frame: Optional[int] = typer.Option(None, "--frame", min=0, help="Frame of a 4D file to use (4D files are refused without it)."),
-        spec_file: Optional[Path] = typer.Option(None, "--spec", help="PreprocessSpec JSON to start from (e.g. a model's spec.json); the options below override it."),
-        crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Crop side in pixels (default 224)."),
-        box_margin: Optional[float] = typer.Option(None, "--box-margin", help="Box growth per side, fraction of its side (default 0.15)."),
-        min_area_fraction: Optional[float] = typer.Option(None, "--min-area-fraction", help="Keep slices whose region area is at least this fraction of the largest (default 0.3)."),
-        percentile_low: Optional[float] = typer.Option(None, "--percentile-low", help="Percentile inside the region mapped to 0 (default 0.5)."),
-        percentile_high: Optional[float] = typer.Option(None, "--percentile-high", help="Percentile inside the region mapped to 1 (default 99.5)."),
-        clip_low: Optional[float] = typer.Option(None, "--clip-low", help="Normalised values are clipped to [clip-low, clip-high] (default -0.5)."),
-        clip_high: Optional[float] = typer.Option(None, "--clip-high", help="(default 1.5)"),
+        spec_file: Optional[Path] = typer.Option(None, "--spec", help=SPEC_FILE_HELP),
+        *,
+        options: dict,
     ) -> None:
         """Write the normalised liver crops of VOLUME as 8-bit PNG (what the model sees).
 
         Give the liver region with one of --mask, --bbox or --roi auto. PNG grey levels map the
-        spec's clip range [clip_low, clip_high] to 0..255 (so 0..1 of the normalised range is
+        spec's clip range (clip_low to clip_high) to 0..255 (so 0..1 of the normalised range is
         the middle half). crops.csv lists each crop's canonical slice and box; spec.json is the
         PreprocessSpec used. Rows run anterior -> posterior, the patient's right on the left.
         """
@@ -73,11 +69,10 @@ def register(app: typer.Typer) -> None:
         from ..roi import parse_bbox  # noqa: PLC0415
         from .synth_cmd import check_replaceable  # noqa: PLC0415
 
-        spec = _spec_from_options(spec_file, {
-            "crop_size": crop_size, "box_margin": box_margin, "min_area_fraction": min_area_fraction,
-            "percentile_low": percentile_low, "percentile_high": percentile_high,
-            "clip_low": clip_low, "clip_high": clip_high,
-        })
+        try:
+            spec = spec_from_file(spec_file).replace(**options)
+        except ValueError as exc:
+            raise InputError(f"bad preprocessing option: {exc}") from None
         box = parse_bbox(bbox) if bbox is not None else None
         check_replaceable(out, marker="crops.csv", what="crops")
         crops = crops_for_volume(volume, spec=spec, mask=mask, mask_label=mask_label, bbox=box, roi=roi, frame=frame)

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import typer
 
+from liverstage.train.config import RunConfig, check_options
+
 from ..errors import InputError
+from .options import dataclass_options, with_options
 
 PHANTOM_NOTE = "(synthetic phantoms, not patients: these figures say nothing about real MRI)"
 MARKER = ".liverstage-demo"
@@ -49,28 +52,38 @@ def _prepare_out(out: Path) -> None:
 def _held_out_patient(run_dir: Path, manifest: Path) -> tuple[Path, Path, str, str]:
     """The first test patient of the run: its volume, mask, id and true stage."""
     import csv  # noqa: PLC0415
-    import json  # noqa: PLC0415
 
-    test_ids = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("test_patients")
-    if not test_ids:
-        import torch  # noqa: PLC0415
+    from liverstage.train.checkpoint import read_checkpoint  # noqa: PLC0415
 
-        test_ids = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["splits"]["test"]
+    test_ids = read_checkpoint(run_dir / "model.pt").splits.test
     with manifest.open(newline="", encoding="utf-8") as fh:
         rows = {row["patient_id"]: row for row in csv.DictReader(fh)}
     row = rows[sorted(test_ids)[0]]
     return manifest.parent / row["image"], manifest.parent / row["mask"], row["patient_id"], row["stage"]
 
 
+def _demo_options():
+    """The demo's training options: RunConfig's (same names and checks), with the demo's defaults."""
+    by_name = {o.name: o for o in dataclass_options(RunConfig)}
+    return [
+        by_name["epochs"].replace(default=12, help="Training epochs (the paper trains 100 at lr 5e-5; the demo "
+                                                   "uses few epochs at a larger lr)."),
+        by_name["crop_size"].replace(default=64, help="Crop side in pixels (the paper's networks take 224)."),
+    ]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("demo")
+    @with_options(_demo_options())
     def demo_command(
         out: Path = typer.Option(Path("liverstage-demo"), "--out", "-o", help="Folder for everything the demo writes (replaced if it is an earlier demo folder)."),
         patients: int = typer.Option(60, min=12, help="Phantom patients to generate."),
-        epochs: int = typer.Option(12, min=1, help="Training epochs (the paper trains 100 at lr 5e-5; the demo uses few epochs at a larger lr)."),
-        crop_size: int = typer.Option(64, min=16, help="Crop side in pixels (the paper's networks take 224)."),
+        *,
+        options: dict,
     ) -> None:
         """Run the whole path on synthetic phantoms in a few minutes on a CPU: generate, train ResNet18+AMCL, evaluate, export ONNX fp32/int8, stage a held-out volume, benchmark."""
+        checked = check_options(options)  # before any phantom is drawn
+        epochs, crop_size = checked["epochs"], checked["crop_size"]
         import json  # noqa: PLC0415
 
         try:

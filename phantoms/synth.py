@@ -200,6 +200,16 @@ def _cylinder(X, Y, c, ax) -> np.ndarray:
     return (r - 1.0) * float(min(ax))
 
 
+def _voxel_boxes(organs: dict[str, tuple], *, origin, steps) -> dict[str, list[list[int]]]:
+    """Each organ's box [[x0, y0, z0], [x1, y1, z1]] (half-open) in the canonical voxel grid; may reach beyond it."""
+    boxes = {}
+    for name, (centre, semi) in organs.items():
+        lo = [int(np.floor((c - r - o) / st)) for c, r, o, st in zip(centre, semi, origin, steps)]
+        hi = [int(np.ceil((c + r - o) / st)) + 1 for c, r, o, st in zip(centre, semi, origin, steps)]
+        boxes[name] = [lo, hi]
+    return boxes
+
+
 # ---------------------------------------------------------------------------------------------
 # one phantom
 
@@ -297,9 +307,11 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
         cv.paint(blk, cv.frac(_cylinder(Xb, Yb, c, (r, r))), v)
 
     # kidneys (right one lower)
+    organs: dict[str, tuple] = {}  # name -> (centre, semi-axes) in mm, for crops of other anatomy
     for side, dzk in ((-1, -60.0), (1, -78.0)):
         c = (bx + side * a * u(0.38, 0.46), post + u(45.0, 60.0), lz + dzk + u(-10, 10))
         ax = (u(24.0, 32.0), u(26.0, 34.0), u(45.0, 60.0))
+        organs["kidney_left" if side < 0 else "kidney_right"] = (c, ax)
         blk = cv.block(c, ax)
         if blk is not None:
             Xb, Yb, Zb = cv.coords(blk)
@@ -310,6 +322,8 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     # spleen (patient's left = low x), size grows with the stage
     c = (bx - a * u(0.52, 0.62), by - b * u(0.2, 0.4), lz + u(5.0, 30.0))
     ax = tuple(spleen * s * u(0.9, 1.1) for s in (24.0, 50.0, 48.0))
+    organs["spleen"] = (c, ax)
+    organs["below_liver"] = ((bx, by, (z_lo + lz - rz) / 2), (0.5 * a, 0.5 * b, (lz - rz - z_lo) / 2))
     blk = cv.block(c, ax)
     if blk is not None:
         Xb, Yb, Zb = cv.coords(blk)
@@ -412,6 +426,7 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
         "right_lobe_factor": round(right_lobe, 3), "spleen_factor": round(spleen, 3),
         "spacing_mm": [round(h, 4), round(h, 4), round(dz, 4)], "slices": nz, "noise": round(sigma, 4),
         "orientation": "".join(nib.aff2axcodes(stored_affine)),
+        "organ_boxes": _voxel_boxes(organs, origin=(x[0], y[0], z[0]), steps=(h, h, dz)),
     }
     return Phantom(data=stored, mask=stored_mask, affine=stored_affine, stage=stage, params=params)
 

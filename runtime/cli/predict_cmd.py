@@ -10,6 +10,7 @@ import typer
 from ..errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
+UNCERTAIN_EXIT_CODE = 3
 
 
 def register(app: typer.Typer) -> None:
@@ -30,10 +31,11 @@ def register(app: typer.Typer) -> None:
         rebuild_engine: bool = typer.Option(False, "--rebuild-engine", help="A TensorRT engine built for another GPU or TensorRT version is rebuilt from its ONNX model instead of refused."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: ONNX Runtime's, one per core)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stdout."),
+        strict: bool = typer.Option(False, "--strict", help="Exit with code 3 when any staged input is uncertain (its crops look unlike the model's training crops, or the model has no out-of-distribution gate), so an unattended pipeline can route it to a person. Outputs are still written."),
     ) -> None:
         """Stage liver fibrosis (A early, B middle, C last) per volume, without torch.
 
-        The stage of a volume is the argmax of its crops' mean probability. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then).
+        The stage of a volume is the argmax of its crops' mean probability; a volume whose crops look unlike the model's training crops is "uncertain" instead. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then), 3 with --strict when no input failed but one or more are uncertain.
         """
         from ..backends import open_backend  # noqa: PLC0415
         from ..roi import parse_bbox  # noqa: PLC0415
@@ -72,3 +74,5 @@ def register(app: typer.Typer) -> None:
             print_table(run)
         if run.errors:
             raise typer.Exit(code=1)
+        if strict and any(r.verdict.uncertain for r in run.results):
+            raise typer.Exit(code=UNCERTAIN_EXIT_CODE)

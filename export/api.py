@@ -4,9 +4,10 @@ with its metadata, a parity report against PyTorch fp32, and a model card.
 Order of work (cheap checks first, nothing written until everything is computed):
 1. validate options; for --engine trt check TensorRT and a CUDA GPU before anything else;
 2. load the checkpoint (ModelError if not ours or corrupt);
-3. pick real crops (data.export_crops), fit the temperature, set the cosine threshold;
+3. pick real crops (data.export_crops), fit the temperature;
 4. export float32 ONNX, derive the FP16 / INT8 model, run it with ONNX Runtime (CPU) on the
-   crops and compare with PyTorch fp32 (parity), fp16 also on large-norm inputs;
+   crops and compare with PyTorch fp32 (parity), fp16 also on large-norm inputs; fit and
+   measure the out-of-distribution gate on that model's outputs (ood_fit);
 5. write the model, `PATH.parity.json` and the model card, each atomically (the Triton
    repository as one atomic folder), then build the TensorRT engine if asked.
 """
@@ -121,7 +122,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
 
     from liverstage.train.checkpoint import checkpoint_spec, load_checkpoint  # noqa: PLC0415
 
-    from . import calibration, data, fp16, int8, model_card, onnx_export, parity  # noqa: PLC0415
+    from . import calibration, data, fp16, int8, model_card, ood_fit, onnx_export, parity  # noqa: PLC0415
     from .graph import InferenceGraph, probs_source_for, torch_reference  # noqa: PLC0415
 
     if not checkpoint.is_file():
@@ -159,10 +160,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
         echo("temperature 1 (no labelled validation crops with two or more stages to fit it on)")
     graph = InferenceGraph(net, scale=float(ckpt["scale"]), temperature=temperature, probs_source=probs_source).eval()
 
-    threshold = None
-    if crops.threshold is not None and len(crops.threshold):
-        threshold = calibration.cosine_threshold(torch_reference(graph, crops.threshold.images)["cosine"])
-
     extra = {
         "checkpoint_path": str(checkpoint.resolve()),
         "engine": options.engine,
@@ -176,7 +173,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
         class_names=tuple(ckpt["class_names"]), preprocess=spec, backbone=str(ckpt["backbone"]), loss=str(loss),
         scale=float(ckpt["scale"]), margin=float(ckpt["margin"]), temperature=float(temperature),
         probs_source=probs_source, precision=options.precision, embedding_dim=int(ckpt["embedding_dim"]),
-        checkpoint_sha256=checkpoint_sha, versions=package_versions(EXPORT_PACKAGES), cosine_threshold=threshold, extra=extra,
+        checkpoint_sha256=checkpoint_sha, versions=package_versions(EXPORT_PACKAGES), extra=extra,
     )
 
     echo(f"exporting ONNX ({options.precision}) ...")
@@ -200,7 +197,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     figures["targets"] = parity.TARGETS[options.precision]
     figures["targets_met"] = not failures
     echo(parity.format_report(options.precision, figures, failures))
-    meta = meta.replace(extra={**meta.extra, "parity": {k: figures[k] for k in (
+    gate, figures["ood_gate"] = ood_fit.fit_for_export(session, crops, ckpt, spec, echo=echo)
+    meta = meta.replace(ood=gate, extra={**meta.extra, "parity": {k: figures[k] for k in (
         "n_crops", "max_abs_delta_cosine", "stage_agreement") if isinstance(figures.get(k), (int, float))}})
     onnx_export.set_metadata(model, meta)
     model_bytes = onnx_export.to_bytes(model)

@@ -22,7 +22,8 @@ baseline too, and it costs one small matrix product per batch):
   the gate's matrix products about ten times smaller than the full-dimensional ones.
 - image: the standardised distance from a cheap descriptor of the crop image itself (8 x 8
   block means: the layout; a 16-bin intensity histogram; neighbour differences at three scales
-  relative to the crop's spread: the texture) to its k-th nearest bank descriptor. Why: a
+  relative to the crop's spread: the texture; see `image_descriptor`) to its k-th nearest bank
+  descriptor. Why: a
   trained network's features collapse, out-of-distribution inputs are mapped onto the clusters
   of the training classes (measured on the demo model: noise, blank fields, checkerboards, a
   brain MRI all land at cosine 0.99 from some training crop, as close as held-out liver
@@ -92,7 +93,10 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _block_means(x: np.ndarray, blocks: int) -> np.ndarray:
-    """[N, S, S] -> [N, blocks, blocks] means over (nearly) equal blocks; any S >= blocks."""
+    """[N, S, S] -> [N, blocks, blocks] means over (nearly) equal blocks (pixels repeated when S < blocks)."""
+    if x.shape[1] < blocks:
+        reps = -(-blocks // x.shape[1])
+        x = np.repeat(np.repeat(x, reps, axis=1), reps, axis=2)
     size = x.shape[1]
     if size % blocks == 0:
         step = size // blocks
@@ -109,25 +113,35 @@ def _pool2(x: np.ndarray) -> np.ndarray:
     return 0.25 * (x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2])
 
 
+def _roughness(y: np.ndarray) -> np.ndarray:
+    """Mean absolute difference of neighbouring pixels, both axes, per image of [N, H, W]."""
+    return np.abs(y[:, 1:] - y[:, :-1]).mean(axis=(1, 2)) + np.abs(y[:, :, 1:] - y[:, :, :-1]).mean(axis=(1, 2))
+
+
 def image_descriptor(images: np.ndarray, *, clip_low: float, clip_high: float) -> np.ndarray:
-    """[N, 1, S, S] crops -> [N, DESCRIPTOR_DIM] float32: layout, histogram, texture (see module doc)."""
+    """[N, 1, S, S] crops -> [N, DESCRIPTOR_DIM] float32 (see the module docstring).
+
+    texture: neighbour differences at full, 1/2 and 1/4 resolution (2 x 2 mean pooling), each
+    relative to the crop's standard deviation, and that deviation; histogram: 16 bins over the
+    clip range of the half-resolution image; layout: 8 x 8 block means of the quarter-resolution
+    image. Pooled images keep the cost near one pass over the crop.
+    """
     x = np.asarray(images, dtype=np.float32).reshape(len(images), images.shape[-2], images.shape[-1])
-    n, size = x.shape[0], x.shape[1]
+    n = x.shape[0]
+    spread = np.maximum(x.std(axis=(1, 2)), 1e-6)
     levels = [x]
     for _ in TEXTURE_SCALES[1:]:
         levels.append(_pool2(levels[-1]) if min(levels[-1].shape[1:]) >= 4 else levels[-1])
+    texture = [_roughness(y) / spread for y in levels] + [spread]
+    half = levels[1]
+    span = max(float(clip_high - clip_low), 1e-6)
+    bins = ((half - clip_low) * (HISTOGRAM_BINS / span)).astype(np.intp)
+    np.clip(bins, 0, HISTOGRAM_BINS - 1, out=bins)
+    bins += (np.arange(n, dtype=np.intp) * HISTOGRAM_BINS)[:, None, None]
+    hist = np.bincount(bins.ravel(), minlength=n * HISTOGRAM_BINS).reshape(n, HISTOGRAM_BINS)
+    hist = hist / float(half.shape[1] * half.shape[2])
     coarse = next((lv for lv in reversed(levels) if lv.shape[1] >= LAYOUT_BLOCKS), x)
     layout = _block_means(coarse, LAYOUT_BLOCKS).reshape(n, -1)
-    span = max(float(clip_high - clip_low), 1e-6)
-    bins = np.clip(((x - clip_low) * (HISTOGRAM_BINS / span)).astype(np.intp), 0, HISTOGRAM_BINS - 1)
-    bins += (np.arange(n, dtype=np.intp) * HISTOGRAM_BINS)[:, None, None]
-    hist = np.bincount(bins.ravel(), minlength=n * HISTOGRAM_BINS).reshape(n, HISTOGRAM_BINS) / float(size * size)
-    spread = np.maximum(x.std(axis=(1, 2)), 1e-6)
-    texture = []
-    for y in levels:
-        diff = np.abs(np.diff(y, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(y, axis=2)).mean(axis=(1, 2))
-        texture.append(diff / spread)
-    texture.append(spread)
     return np.concatenate([layout, hist, np.stack(texture, axis=1)], axis=1).astype(np.float32)
 
 

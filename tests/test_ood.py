@@ -48,7 +48,7 @@ def test_bank_round_trip_in_float16():
 
 def test_image_descriptor_any_crop_size():
     rng = np.random.default_rng(1)
-    for size in (32, 50, 64, 224):
+    for size in (8, 32, 50, 64, 224):
         images = rng.uniform(-0.5, 1.5, (3, 1, size, size)).astype(np.float32)
         d = image_descriptor(images, clip_low=-0.5, clip_high=1.5)
         assert d.shape == (3, DESCRIPTOR_DIM) and np.isfinite(d).all()

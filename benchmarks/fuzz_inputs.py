@@ -36,6 +36,8 @@ and failures against the known truth of a mutation:
   trailing_unreported bytes appended after the image data were staged without a warning
   partial_output     a refused case left any file in its output folder, or a staged one left a
                      temporary file or an unparsable report
+  extra_stderr       stderr held more than the one error line (a refusal) or anything (a staging),
+                     e.g. a library warning
 Targets (issue 11): 0 tracebacks, 0 hangs, 0 corrupt staged as intact, 0 partial outputs.
 """
 
@@ -59,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-FAILURES = ("traceback", "hang", "corrupt_staged", "trailing_unreported", "partial_output")
+FAILURES = ("traceback", "hang", "corrupt_staged", "trailing_unreported", "partial_output", "extra_stderr")
 OUTCOMES = ("refused", "refused_untyped", "staged", "uncertain", "traceback", "hang", "harness_error")
 TARGETS = ("nifti_gz", "nifti", "mask", "dicom")
 TARGET_WEIGHTS = (0.4, 0.2, 0.1, 0.3)
@@ -352,13 +354,15 @@ def run_case(case: int, seed: int, bases: dict, model: str, work: Path) -> dict:
         result["outcome"] = "traceback"
         result["stderr"] = (escaped or "") + " " + result["stderr"]
     elif code == 2:
-        untyped = err.startswith("liverstage: error: ") and _names_exception(err)
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        untyped = last.startswith("liverstage: error: ") and _names_exception(last)
         result["outcome"] = "refused_untyped" if untyped else "refused"
-        if len(err.strip().splitlines()) != 1:
-            result["outcome"] = "traceback"
     else:
         result["outcome"] = "staged" if code == 0 else "uncertain"
     failures = []
+    expected_lines = 1 if code == 2 else 0
+    if result["outcome"] != "traceback" and len(err.strip().splitlines()) != expected_lines:
+        failures.append("extra_stderr")  # a warning or more on stderr: a refusal must be one line, a staging none
     if result["outcome"] == "traceback":
         failures.append("traceback")
     if result["outcome"].startswith("refused") and left:
@@ -395,9 +399,6 @@ def _valid_json(path: Path) -> bool:
 
 # -- workers ----------------------------------------------------------------------------------------
 def _worker(tasks, results, seed: int, bases: dict, model: str, work: str) -> None:
-    import warnings  # noqa: PLC0415
-
-    warnings.simplefilter("ignore")
     while True:
         case = tasks.get()
         if case is None:
@@ -497,10 +498,11 @@ def summarise(rows: list[dict]) -> dict:
                "by_target": {}, "examples": {}}
     for row in rows:
         summary["outcomes"][row["outcome"]] += 1
-        target = summary["by_target"].setdefault(row.get("target") or "?", {k: 0 for k in OUTCOMES})
+        target = summary["by_target"].setdefault(row.get("target") or "?", {k: 0 for k in (*OUTCOMES, *FAILURES)})
         target[row["outcome"]] += 1
         for failure in row["failures"]:
             summary["failures"][failure] += 1
+            target[failure] += 1
             summary["examples"].setdefault(failure, []).append(
                 {k: row.get(k) for k in ("case", "target", "desc", "stderr")})
         if row["outcome"] in ("refused_untyped", "harness_error"):
@@ -514,7 +516,8 @@ def summarise(rows: list[dict]) -> dict:
 def print_summary(summary: dict) -> None:
     print(f"{summary['cases']} cases: " + ", ".join(f"{k} {v}" for k, v in summary["outcomes"].items()))
     for target, counts in summary["by_target"].items():
-        print(f"  {target:<9} " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+        print(f"  {target:<9} " + ", ".join(f"{k} {v}" for k, v in counts.items() if v and k in OUTCOMES)
+              + "".join(f"; {k} {v}" for k, v in counts.items() if v and k in FAILURES))
     print("failures: " + ", ".join(f"{k} {v}" for k, v in summary["failures"].items())
           + "   (targets: all 0)")
     for key, examples in summary["examples"].items():

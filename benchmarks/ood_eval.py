@@ -28,7 +28,6 @@ Phantoms are synthetic, not patients: these figures say nothing about real MRI.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

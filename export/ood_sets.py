@@ -91,6 +91,8 @@ def _synthetic(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def _phantom_cases(kinds: list[str], count: int, seed: int) -> list[OodCase]:
+    from nibabel import orientations  # noqa: PLC0415
+
     from liverstage.phantoms.synth import synth_patient  # noqa: PLC0415
     from liverstage.runtime.io import volume_from_array  # noqa: PLC0415
 
@@ -98,8 +100,6 @@ def _phantom_cases(kinds: list[str], count: int, seed: int) -> list[OodCase]:
     for i in range(count):
         ph = synth_patient(i, seed=seed, in_plane=96, slices=20)
         vol = volume_from_array(ph.data, ph.affine, source=f"phantom {seed}/{i}")
-        from nibabel import orientations  # noqa: PLC0415
-
         liver = np.ascontiguousarray(orientations.apply_orientation(ph.mask, vol.ornt)) > 0
         data = vol.data
         for kind in kinds:

@@ -81,12 +81,14 @@ def _why(exc: BaseException) -> str:
 def _read_array(img, path: Path, *, what: str, index: tuple = (), warnings: list[str] | None = None) -> np.ndarray:
     """Read (part of) the data with scaling applied, then check the rest of the file
     (nifti_check.finish: gzip CRC and length, size against the header); its warnings go to `warnings`."""
+    found: list[str] = []
     try:
-        arr = np.asanyarray(img.dataobj[index] if index else img.dataobj)
+        with nifti_check.captured_warnings(found, Path(path).name):
+            arr = np.asanyarray(img.dataobj[index] if index else img.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, MemoryError) as exc:
         nifti_check.close(img)
         raise InputError(f"cannot read the voxels of {what} {path} (truncated or corrupt file? {_why(exc)})") from None
-    found = nifti_check.finish(img, path, what=what)
+    found = nifti_check.finish(img, path, what=what) + found
     if warnings is not None:
         warnings.extend(found)
     return np.asarray(arr)
@@ -165,7 +167,8 @@ def volume_from_array(arr: np.ndarray, affine: np.ndarray, *, source: str, warni
     Refuses a volume whose finite voxels are all equal (or that has none).
     """
     ornt = orientations.io_orientation(affine)
-    data = _canonical(arr.astype(np.float32, copy=False), ornt)
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: refused in the liver below
+        data = _canonical(arr.astype(np.float32, copy=False), ornt)
     finite = np.isfinite(data)
     if not finite.any():
         raise InputError(f"volume {source} has no finite voxel")

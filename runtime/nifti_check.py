@@ -27,10 +27,12 @@ Rules, each broken one an `InputError` with one line naming the file:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import struct
+import warnings as pywarnings
 import weakref
 import zlib
 from pathlib import Path
@@ -69,6 +71,22 @@ def max_voxels() -> int:
 def _why(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:200]
+
+
+@contextlib.contextmanager
+def captured_warnings(into: list[str] | None, name: str):
+    """Python warnings raised inside (nibabel's about odd header fields, numpy's about overflow
+    while scaling) become lines in `into` (the file's warnings in the report) instead of text on
+    stderr, which must stay one line. While active it changes the process-wide warning filters, so
+    a warning another thread raises meanwhile may land here too."""
+    with pywarnings.catch_warnings(record=True) as caught:
+        pywarnings.simplefilter("always")
+        yield
+    if into is not None:
+        for w in caught:
+            line = f"{name}: {w.category.__name__}: {' '.join(str(w.message).split())[:200]}"
+            if line not in into:
+                into.append(line)
 
 
 def _sniff(raw: bytes) -> tuple[str, str]:
@@ -161,29 +179,29 @@ def open_image(path: str | Path, *, what: str):
     p = Path(path)
     budget = max_voxels()
     stream, raw = _open_stream(p)
+    noted: list[str] = []
     try:
-        try:
-            first = stream.read(4)
-            kind, order = _sniff(first)
-            header_class = nib.Nifti1Header if kind == "nifti1" else nib.Nifti2Header
-            stream.seek(0)
-            hdr = header_class.from_fileobj(stream, check=False)
-        except (OSError, EOFError, zlib.error, ValueError) as exc:
-            raise InputError(f"cannot read {what} {p} as NIfTI ({_why(exc)})") from None
-        data_end, warnings = _check_header(hdr, kind, p, what=what, budget=budget)
-        if stream is raw:  # plain file: its size is known now, before reading anything
-            size = os.fstat(raw.fileno()).st_size
-            _check_size(size, data_end, p, what=what, compressed=False)
-        try:
-            stream.seek(0)
-            image_class = nib.Nifti1Image if kind == "nifti1" else nib.Nifti2Image
-            img = image_class.from_stream(stream)
-        except Exception as exc:  # noqa: BLE001  (nibabel raises many types for a hostile header)
-            raise InputError(f"cannot read {what} {p} as NIfTI ({_why(exc)})") from None
+        with captured_warnings(noted, p.name):
+            try:
+                kind, _ = _sniff(stream.read(4))
+                header_class = nib.Nifti1Header if kind == "nifti1" else nib.Nifti2Header
+                stream.seek(0)
+                hdr = header_class.from_fileobj(stream, check=False)
+            except Exception as exc:  # noqa: BLE001  (nibabel raises its own types too, e.g. for extensions)
+                raise InputError(f"cannot read {what} {p} as NIfTI ({_why(exc)})") from None
+            data_end, warnings = _check_header(hdr, kind, p, what=what, budget=budget)
+            if stream is raw:  # plain file: its size is known now, before reading anything
+                _check_size(os.fstat(raw.fileno()).st_size, data_end, p, what=what, compressed=False)
+            try:
+                stream.seek(0)
+                image_class = nib.Nifti1Image if kind == "nifti1" else nib.Nifti2Image
+                img = image_class.from_stream(stream)
+            except Exception as exc:  # noqa: BLE001  (nibabel raises many types for a hostile header)
+                raise InputError(f"cannot read {what} {p} as NIfTI ({_why(exc)})") from None
     except BaseException:
         _close(stream, raw)
         raise
-    _STATE[id(img)] = (stream, raw, data_end, warnings)
+    _STATE[id(img)] = (stream, raw, data_end, warnings + noted)
     weakref.finalize(img, _forget, id(img))
     return img
 

@@ -54,7 +54,6 @@ from .errors import ModelError
 GATE_METHOD = "knn-embedding+knn-image"
 GATE_FORMAT_VERSION = 1
 NO_GATE_REASON = "the model carries no out-of-distribution gate; re-export it with this liverstage"
-PARTS = ("embedding", "image")
 NORM_EPS = 1e-12
 BASIS_DIM = 64
 LAYOUT_BLOCKS = 8

@@ -19,7 +19,8 @@ baseline too, and it costs one small matrix product per batch):
   99.9 % of the bank's energy): a crop's cosine to a bank entry is then its projection's dot
   product with the entry's coordinates, exact up to the entry's tiny residual, and a crop
   outside the bank's subspace gets a shorter projection, i.e. a larger distance. This keeps
-  the gate's matrix products about ten times smaller than the full-dimensional ones.
+  the gate's matrix products about ten times smaller than the full-dimensional ones (they run
+  in numpy's single-threaded loops: see `matmul`).
 - image: the standardised distance from a cheap descriptor of the crop image itself (8 x 8
   block means: the layout; a 16-bin intensity histogram; neighbour differences at three scales
   relative to the crop's spread: the texture; see `image_descriptor`) to its k-th nearest bank
@@ -59,6 +60,7 @@ BASIS_DIM = 64
 LAYOUT_BLOCKS = 8
 HISTOGRAM_BINS = 16
 TEXTURE_SCALES = (1, 2, 4)
+DESCRIPTOR_MAX_SIZE = 64
 DESCRIPTOR_FAMILIES = {"layout": LAYOUT_BLOCKS**2, "histogram": HISTOGRAM_BINS, "texture": len(TEXTURE_SCALES) + 1}
 DESCRIPTOR_DIM = sum(DESCRIPTOR_FAMILIES.values())
 
@@ -120,12 +122,15 @@ def _roughness(y: np.ndarray) -> np.ndarray:
 def image_descriptor(images: np.ndarray, *, clip_low: float, clip_high: float) -> np.ndarray:
     """[N, 1, S, S] crops -> [N, DESCRIPTOR_DIM] float32 (see the module docstring).
 
-    texture: neighbour differences at full, 1/2 and 1/4 resolution (2 x 2 mean pooling), each
+    Crops of 128 px or more are first pooled 2 x 2 until smaller (the descriptor's resolution is
+    at most 127 px). texture: neighbour differences at that, 1/2 and 1/4 resolution, each
     relative to the crop's standard deviation, and that deviation; histogram: 16 bins over the
     clip range of the half-resolution image; layout: 8 x 8 block means of the quarter-resolution
     image. Pooled images keep the cost near one pass over the crop.
     """
     x = np.asarray(images, dtype=np.float32).reshape(len(images), images.shape[-2], images.shape[-1])
+    while min(x.shape[1:]) >= 2 * DESCRIPTOR_MAX_SIZE:  # a 224-px crop is described at 112 px: a quarter of the work
+        x = _pool2(x)
     n = x.shape[0]
     spread = np.maximum(x.std(axis=(1, 2)), 1e-6)
     levels = [x]
@@ -144,14 +149,21 @@ def image_descriptor(images: np.ndarray, *, clip_low: float, clip_high: float) -
     return np.concatenate([layout, hist, np.stack(texture, axis=1)], axis=1).astype(np.float32)
 
 
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b in numpy's own single-threaded loops (einsum), not BLAS: these products are small,
+    and a multi-threaded BLAS call waits for a second core that ONNX Runtime or the thread
+    loading the next volume is using. Measured on the shared 2-core machine, gate at batch 16:
+    BLAS p50 0.53-0.67 ms but p90 5-8 ms; einsum p50 0.71 ms, p90 0.80 ms."""
+    return np.einsum("ij,jk->ik", a, b)
+
+
 def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k: int) -> np.ndarray:
     """Euclidean distance from each query row to its k-th nearest bank row (float64).
 
-    bank_t: the bank transposed, C-contiguous [D, K] (BLAS is several times slower on a transposed
-    view); bank_sq: each bank row's squared norm [K].
+    bank_t: the bank transposed [D, K]; bank_sq: each bank row's squared norm [K].
     """
     q = np.asarray(queries, dtype=np.float32)
-    d2 = np.einsum("ij,ij->i", q, q)[:, None] + bank_sq[None, :] - 2.0 * (q @ bank_t)
+    d2 = np.einsum("ij,ij->i", q, q)[:, None] + bank_sq[None, :] - 2.0 * matmul(q, bank_t)
     kth = np.partition(d2, k - 1, axis=1)[:, k - 1]
     return np.sqrt(np.maximum(kth.astype(np.float64), 0.0))
 
@@ -232,7 +244,7 @@ class OodGate:
         if emb.ndim != 2 or emb.shape[1] != self.dim or len(emb) != len(images):
             raise ValueError(f"embedding of shape {list(emb.shape)} does not match the gate "
                              f"(dimension {self.dim}) or the {len(images)} crops")
-        sims = (emb @ self.basis) @ self._embedding_bank_t
+        sims = matmul(matmul(emb, self.basis), self._embedding_bank_t)
         kth = -np.partition(-sims, self.k["embedding"] - 1, axis=1)[:, self.k["embedding"] - 1]
         d_emb = np.sqrt(np.clip(2.0 - 2.0 * kth.astype(np.float64), 0.0, 4.0))
         d_img = kth_distance(self.image_features(images), *self._image_bank, self.k["image"])

@@ -6,13 +6,15 @@ everything is computed):
 1. validate options; for --engine trt check TensorRT and a CUDA GPU before anything else;
 2. `load_source`: the checkpoint (ModelError if not ours or corrupt);
 3. `pick_crops`: real crops (data.export_crops); `calibrated_graph`: the deployed graph with its
-   temperature; `model_metadata`: the metadata with the cosine threshold;
+   temperature; `model_metadata`: the metadata;
 4. `onnx_model`: float32 ONNX, then the FP16 / INT8 model; `check_parity`: it runs with ONNX
    Runtime (CPU) on the crops against PyTorch fp32, fp16 also on large-norm inputs;
 5. `finalise` and `write_outputs`: the model, `PATH.parity.json` and the model card, each
    atomically (the Triton repository as one atomic folder), then the TensorRT engine if asked.
-A further check of the exported model belongs between steps 4 and 5: it sees the graph, the
-crops, the ONNX model, the parity figures and the metadata, and nothing is on disk yet.
+Between steps 4 and 5, with nothing on disk yet: `fit_ood_gate` fits and measures the
+out-of-distribution gate on the exported model's own outputs (ood_fit), and
+`record_openvino_bf16` measures OpenVINO bf16 against fp32. A further check of the exported model
+belongs there too: it sees the graph, the crops, the ONNX model, the parity figures and the metadata.
 """
 
 from __future__ import annotations
@@ -141,9 +143,21 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, opt
     model = onnx_model(graph, crops, meta, options, echo)
     checked = check_parity(graph, model, crops, meta, options, echo)
     # Checks that add figures or metadata to this export go here: after parity, before any write.
+    meta = fit_ood_gate(meta, checked, crops, source, echo)
     meta = record_openvino_bf16(model, meta, checked, crops, options, echo)
     meta, model_bytes, report = finalise(model, meta, checked, source, options)
     return write_outputs(out, options, source, meta, model_bytes, report, checked, crops, echo)
+
+
+def fit_ood_gate(meta: ModelMetadata, checked: "Parity", crops, source: Source,
+                 echo: Callable[[str], None]) -> ModelMetadata:
+    """The out-of-distribution gate, fitted on the exported model's own outputs (so an int8 or fp16
+    model gets thresholds that fit it) and measured; its figures go into parity.json and the card."""
+    from . import ood_fit  # noqa: PLC0415
+
+    gate, checked.figures["ood_gate"] = ood_fit.fit_for_export(checked.session, crops, source.ckpt, source.spec,
+                                                               echo=echo)
+    return meta.replace(ood=gate)
 
 
 def record_openvino_bf16(model, meta: ModelMetadata, checked: "Parity", crops, options: ExportOptions,
@@ -227,14 +241,8 @@ def calibrated_graph(source: Source, crops, options: ExportOptions,
 
 def model_metadata(source: Source, graph, crops, options: ExportOptions,
                    temperature_info: dict[str, Any] | None) -> ModelMetadata:
-    """The exported model's metadata, with the cosine threshold fitted on training crops."""
-    from . import calibration  # noqa: PLC0415
-    from .graph import torch_reference  # noqa: PLC0415
-
+    """The exported model's metadata (its out-of-distribution gate is fitted later, on the exported model)."""
     ckpt = source.ckpt
-    threshold = None
-    if crops.threshold is not None and len(crops.threshold):
-        threshold = calibration.cosine_threshold(torch_reference(graph, crops.threshold.images)["cosine"])
     extra = {
         "checkpoint_path": str(source.path.resolve()),
         "engine": options.engine,
@@ -248,7 +256,7 @@ def model_metadata(source: Source, graph, crops, options: ExportOptions,
         class_names=ckpt.class_names, preprocess=source.spec, backbone=ckpt.backbone, loss=ckpt.loss,
         scale=ckpt.scale, margin=ckpt.margin, temperature=float(graph.temperature), probs_source=source.probs_source,
         precision=options.precision, embedding_dim=ckpt.embedding_dim, checkpoint_sha256=source.sha256,
-        versions=package_versions(EXPORT_PACKAGES), cosine_threshold=threshold, extra=extra,
+        versions=package_versions(EXPORT_PACKAGES), extra=extra,
     )
 
 

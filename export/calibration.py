@@ -1,13 +1,9 @@
-"""Numbers fitted at export time from real crops: the softmax temperature and the cosine threshold.
+"""The softmax temperature, fitted at export time from real crops.
 
 Temperature (optional): with C = 3 and s = 30 the softmax saturates, so a model's probabilities
 are overconfident. T is fitted on labelled validation crops by minimising the negative
 log-likelihood of softmax(logits / T) (Guo et al. 2017, "On Calibration of Modern Neural
 Networks"), with LBFGS over log T. It changes probabilities, never the predicted stage.
-
-Cosine threshold: the 1st percentile of each training crop's best cosine to any stage weight. A
-crop below it looks like none of the training stages (the runtime reports that, it does not
-refuse).
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ import math
 
 import numpy as np
 
-THRESHOLD_PERCENTILE = 1.0
 T_MIN, T_MAX = 0.05, 100.0
 
 
@@ -52,13 +47,6 @@ def base_logits(graph, reference: dict) -> np.ndarray:
     weight_t = graph.linear_weight_t.detach().double().numpy()
     bias = graph.linear_bias.detach().double().numpy()
     return reference["feature"].astype(np.float64) @ weight_t + bias
-
-
-def cosine_threshold(cosine: np.ndarray, *, percentile: float = THRESHOLD_PERCENTILE) -> float | None:
-    """Low percentile of the best cosine per crop; None without crops."""
-    if len(cosine) == 0:
-        return None
-    return float(np.percentile(cosine.max(axis=1), percentile))
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:

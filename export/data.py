@@ -23,6 +23,7 @@ from liverstage.runtime.errors import InputError
 from liverstage.runtime.spec import PreprocessSpec
 
 MAX_CROPS = 192  # per set: enough for stable figures, small enough for a 2-core laptop
+MAX_BANK_CROPS = 1024  # training crops for the out-of-distribution gate (export/ood_fit.py)
 
 
 @dataclasses.dataclass
@@ -61,8 +62,10 @@ class ExportCrops:
     parity: Crops
     calibration: Crops  # INT8 activation ranges
     temperature: Crops | None  # labelled validation crops
-    threshold: Crops | None  # training crops for the cosine threshold
+    threshold: Crops | None  # training crops (at most max_crops)
     phantoms: bool = False  # parity crops are synthetic phantoms (not patients)
+    bank: Crops | None = None  # training crops for the out-of-distribution gate's bank (at most MAX_BANK_CROPS)
+    held_out: Crops | None = None  # every validation/test crop: the gate's thresholds
 
 
 def crops_from_rows(rows, spec: PreprocessSpec, *, source: str) -> Crops:
@@ -114,17 +117,21 @@ def export_crops(ckpt, spec: PreprocessSpec, *, calibration_manifest: str | Path
                  if everyone is not None else None)
     if threshold is not None and not len(threshold):
         threshold = None
+    gate = {}
+    if threshold is not None:
+        held_out = everyone.select(set(splits.val) | set(splits.test), f"validation/test patients of {own}")
+        gate = {"bank": everyone.select(set(splits.train), f"training patients of {own}").subsample(MAX_BANK_CROPS),
+                "held_out": held_out if len(held_out) else None}
     if calibration_manifest is not None:
         path = Path(calibration_manifest)
         crops = crops_from_rows(read_manifest(path), spec, source=str(path)).subsample(max_crops)
         return ExportCrops(parity=crops, calibration=crops, temperature=crops, threshold=threshold,
-                           phantoms=is_phantom_manifest(path))
+                           phantoms=is_phantom_manifest(path), **gate)
     if threshold is not None:
-        held_out = everyone.select(set(splits.val) | set(splits.test), f"validation/test patients of {own}")
         val = everyone.select(set(splits.val), f"validation patients of {own}")
         return ExportCrops(parity=(held_out if len(held_out) else threshold).subsample(max_crops),
                            calibration=threshold,
                            temperature=val.subsample(max_crops) if len(val) else None,
-                           threshold=threshold, phantoms=is_phantom_manifest(own))
+                           threshold=threshold, phantoms=is_phantom_manifest(own), **gate)
     crops = phantom_crops(spec).subsample(max_crops)
     return ExportCrops(parity=crops, calibration=crops, temperature=None, threshold=None, phantoms=True)

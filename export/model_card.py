@@ -35,7 +35,8 @@ LIMITS = [
     "Per-crop and per-volume stages are only as good as the training data; results on synthetic "
     "phantoms say nothing about patients.",
     "Inputs must be made with the PreprocessSpec below (the runtime takes it from the model's metadata).",
-    "Crops whose best cosine is below cosine_threshold look like none of the training stages.",
+    "Volumes whose crops look unlike the training crops (the out-of-distribution gate below) are reported "
+    "as uncertain; the gate is measured on synthetic and public non-liver images, not on every possible input.",
 ]
 REFERENCES = [
     "Nakai, Qiao, Han: Angular Margin Constrained Loss for Automatic Liver Fibrosis Staging.",
@@ -149,12 +150,26 @@ def build_card(*, meta: ModelMetadata, ckpt: Checkpoint, model_file: str, parity
         "preprocess_hash": meta.preprocess.hash,
         "network_data_format": io_spec(meta),
         "temperature": meta.temperature,
-        "cosine_threshold": meta.cosine_threshold,
         "versions": meta.versions,
         "exports": [{"file": model_file, "engine": engine, "precision": meta.precision, "parity": parity}],
         "limits": LIMITS,
         "references": REFERENCES,
     }
+
+
+def ood_lines(exports: list[dict[str, Any]]) -> list[str]:
+    """The out-of-distribution gate of each exported file, from its parity figures (never the banks)."""
+    from .ood_fit import format_figures  # noqa: PLC0415
+
+    lines = ["## Out-of-distribution gate (see runtime/ood.py)"]
+    for entry in exports:
+        gate = (entry.get("parity") or {}).get("ood_gate")
+        if not gate or gate.get("gate", True) is None:
+            lines.append(f"- {entry['file']}: no gate (no in-distribution crops reachable at export): every result is 'uncertain'")
+            continue
+        lines.append(f"- {entry['file']}:")
+        lines += ["  - " + line.strip().rstrip(":") for line in format_figures(gate).splitlines()]
+    return lines
 
 
 def merge_exports(card: dict[str, Any], previous: dict[str, Any] | None, folder: Path) -> dict[str, Any]:
@@ -203,8 +218,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     for name, spec in {**fmt["inputs"], **fmt["outputs"]}.items():
         meaning = spec.get("description") or spec.get("channel_def", {}).get("0", "")
         lines.append(f"| {name} | {spec['shape']} | {spec['dtype']} | {meaning} |")
-    lines += ["", f"temperature {card['temperature']:.4g}; cosine_threshold "
-              f"{_fmt(card['cosine_threshold']) if card['cosine_threshold'] is not None else 'unknown'}",
+    lines += ["", f"temperature {card['temperature']:.4g}",
               "", "## Exported files and parity against PyTorch fp32",
               "| file | engine | precision | crops | max abs delta cosine | stage agreement | accuracy delta |",
               "|---|---|---|---|---|---|---|"]
@@ -222,6 +236,7 @@ def render_markdown(card: dict[str, Any]) -> str:
             lines.append(f"- {entry['file']} in OpenVINO bf16 against OpenVINO fp32 ({bf16['n_crops']} crops): max abs delta "
                          f"cosine {_fmt(bf16['max_abs_delta_cosine'])}, stage agreement {bf16['stage_agreement']:.2%}: "
                          + ("bf16 allowed for `--precision auto`" if bf16.get("allowed") else "bf16 not allowed (fp32 runs)"))
+    lines += [""] + ood_lines(card["exports"])
     lines += ["", "## Limits"] + [f"- {item}" for item in card["limits"]]
     lines += ["", "## Versions", "- " + _fmt(card["versions"]), "", "## References"]
     lines += [f"- {ref}" for ref in card["references"]]

@@ -200,6 +200,16 @@ def _cylinder(X, Y, c, ax) -> np.ndarray:
     return (r - 1.0) * float(min(ax))
 
 
+def _voxel_boxes(organs: dict[str, tuple], *, origin, steps) -> dict[str, list[list[int]]]:
+    """Each organ's box [[x0, y0, z0], [x1, y1, z1]] (half-open) in the canonical voxel grid; may reach beyond it."""
+    boxes = {}
+    for name, (centre, semi) in organs.items():
+        lo = [int(np.floor((c - r - o) / st)) for c, r, o, st in zip(centre, semi, origin, steps)]
+        hi = [int(np.ceil((c + r - o) / st)) + 1 for c, r, o, st in zip(centre, semi, origin, steps)]
+        boxes[name] = [lo, hi]
+    return boxes
+
+
 # ---------------------------------------------------------------------------------------------
 # one phantom
 
@@ -229,8 +239,9 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
     values = _intensities(rng)
     f_inner = _paint_body(rng, cv, body, values)
     _paint_posterior(cv, body, values, f_inner)
-    _paint_kidneys(rng, cv, body, values)
-    _paint_spleen(rng, cv, body, values, signs, f_inner)
+    organs = _paint_kidneys(rng, cv, body, values)  # name -> (centre, semi-axes) mm: crops of other anatomy
+    organs["spleen"] = _paint_spleen(rng, cv, body, values, signs, f_inner)
+    organs["below_liver"] = _below_liver(body)
     liver = _paint_liver(rng, cv, body, values, signs, f_inner)
     mask = _paint_over_liver(rng, cv, body, values, liver)
     data, sigma = _acquire(rng, cv, body.fov)
@@ -242,6 +253,7 @@ def synth_patient(index: int, *, seed: int = 0, stage: str | None = None, in_pla
         "right_lobe_factor": round(signs.right_lobe, 3), "spleen_factor": round(signs.spleen, 3),
         "spacing_mm": [round(body.h, 4), round(body.h, 4), round(body.dz, 4)], "slices": body.nz,
         "noise": round(sigma, 4), "orientation": "".join(nib.aff2axcodes(stored_affine)),
+        "organ_boxes": _voxel_boxes(organs, origin=(cv.x[0], cv.y[0], cv.z[0]), steps=(body.h, body.h, body.dz)),
     }
     return Phantom(data=stored, mask=stored_mask, affine=stored_affine, stage=stage, params=params)
 
@@ -383,23 +395,34 @@ def _paint_posterior(cv: _Canvas, body: _Body, values: _Intensities, f_inner: np
         cv.paint(blk, cv.frac(_cylinder(Xb, Yb, c, (r, r))), v)
 
 
-def _paint_kidneys(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities) -> None:
-    """Both kidneys (the right one lower), each with a darker sinus."""
+def _below_liver(body: "_Body") -> tuple:
+    """(centre, semi-axes) in mm of the abdomen between the liver's lower tip and the slab's end."""
+    liver_bottom = body.lz - 85.0 * body.size  # the liver's axial semi-axis is 85 mm x its size
+    return ((body.bx, body.by, (body.z_lo + liver_bottom) / 2),
+            (0.5 * body.a, 0.5 * body.b, (liver_bottom - body.z_lo) / 2))
+
+
+def _paint_kidneys(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities) -> dict[str, tuple]:
+    """Both kidneys (the right one lower), each with a darker sinus; their (centre, semi-axes) in mm."""
     u = rng.uniform
+    organs = {}
     for side, dzk in ((-1, -60.0), (1, -78.0)):
         c = (body.bx + side * body.a * u(0.38, 0.46), body.post + u(45.0, 60.0), body.lz + dzk + u(-10, 10))
         ax = (u(24.0, 32.0), u(26.0, 34.0), u(45.0, 60.0))
+        organs["kidney_left" if side < 0 else "kidney_right"] = (c, ax)
+        organs["kidney_left" if side < 0 else "kidney_right"] = (c, ax)
         blk = cv.block(c, ax)
         if blk is not None:
             Xb, Yb, Zb = cv.coords(blk)
             f = _ellipsoid(Xb, Yb, Zb, c, ax)
             cv.paint(blk, cv.frac(f), values.kidney)
             cv.paint(blk, cv.frac(f + 0.45 * min(ax)), values.fluid * 1.5)  # sinus
+    return organs
 
 
 def _paint_spleen(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _Intensities, signs: _Signs,
-                  f_inner: np.ndarray) -> None:
-    """The spleen on the patient's left (low x); its size grows with the stage."""
+                  f_inner: np.ndarray) -> tuple:
+    """The spleen on the patient's left (low x); its size grows with the stage. Its (centre, semi-axes) in mm."""
     u = rng.uniform
     c = (body.bx - body.a * u(0.52, 0.62), body.by - body.b * u(0.2, 0.4), body.lz + u(5.0, 30.0))
     ax = tuple(signs.spleen * s * u(0.9, 1.1) for s in (24.0, 50.0, 48.0))
@@ -407,6 +430,7 @@ def _paint_spleen(rng: np.random.Generator, cv: _Canvas, body: _Body, values: _I
     if blk is not None:
         Xb, Yb, Zb = cv.coords(blk)
         cv.paint(blk, cv.frac(np.maximum(_ellipsoid(Xb, Yb, Zb, c, ax), f_inner[blk] + 2.0)), values.spleen)
+    return c, ax
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,11 +5,9 @@ probability is that mean. Why the mean: it is simple, uses every crop's confiden
 vote throws that away and ties on few crops), and it is the rule the training metrics use for
 patient-level accuracy, so the accuracy a user reads in training is the accuracy of this report.
 
-Uncertainty: each crop's best cosine to any stage weight (max over stages) says how much the crop
-looks like some stage at all; the angular embedding gives this for free. The volume is flagged
-`uncertain` when the MEDIAN of those over its crops falls below the model's `cosine_threshold`
-(set at export from training crops; None = never flagged). The median keeps one odd slice (a
-vessel, the liver dome) from flagging a whole volume.
+Uncertainty is not decided here: the out-of-distribution gate (runtime/ood.py) judges whether
+the crops look like the model's training crops, and its verdict is carried along unchanged.
+The stage and probabilities never depend on it.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from .ood import OodVerdict
 from .stages import STAGES
 
 
@@ -26,24 +25,23 @@ class VolumeStage:
     stage: str
     probability: float
     probabilities: dict[str, float]     # mean over crops, per stage
-    median_max_cosine: float
-    uncertain: bool
+    ood: OodVerdict
+
+    @property
+    def uncertain(self) -> bool:
+        return self.ood.uncertain
 
 
-def aggregate(probs: np.ndarray, cosine: np.ndarray, *, cosine_threshold: float | None) -> VolumeStage:
-    """Stage of one volume from its crops' probs [N, C] and cosines [N, C] (N >= 1)."""
+def aggregate(probs: np.ndarray, *, ood: OodVerdict) -> VolumeStage:
+    """Stage of one volume from its crops' probs [N, C] (N >= 1) and the gate's verdict."""
     probs = np.asarray(probs, dtype=np.float64)
-    cosine = np.asarray(cosine, dtype=np.float64)
-    if probs.ndim != 2 or probs.shape[0] < 1 or probs.shape[1] != len(STAGES) or cosine.shape != probs.shape:
-        raise ValueError(f"need probs and cosine of shape [N>=1, {len(STAGES)}], got {probs.shape} and {cosine.shape}")
+    if probs.ndim != 2 or probs.shape[0] < 1 or probs.shape[1] != len(STAGES):
+        raise ValueError(f"need probs of shape [N>=1, {len(STAGES)}], got {probs.shape}")
     mean = probs.mean(axis=0)
     best = int(np.argmax(mean))
-    median_max_cos = float(np.median(cosine.max(axis=1)))
-    uncertain = cosine_threshold is not None and median_max_cos < float(cosine_threshold)
     return VolumeStage(
         stage=STAGES[best],
         probability=float(mean[best]),
         probabilities={s: float(p) for s, p in zip(STAGES, mean)},
-        median_max_cosine=median_max_cos,
-        uncertain=bool(uncertain),
+        ood=ood,
     )

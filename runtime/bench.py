@@ -4,7 +4,9 @@ Per backend and batch size: latency p50 / p90 / p99 per batch, crops/s, speed-up
 eager fp32 (only where torch is installed; the caller passes that reference in, so the runtime
 never imports torch), achieved GFLOP/s against this machine's float32 matrix-multiply peak (numpy,
 measured in the same run), and with `input_volume`, model-only time against end-to-end time
-(volume in, report out).
+(volume in, report out). For a
+model with an out-of-distribution gate, the gate's time on each batch's outputs and its share of
+the model-only time (the gate runs in numpy after the backend, whichever backend it is).
 
 Backends:
   onnx       the fp32 (or whatever) .onnx given as the model, ONNX Runtime
@@ -247,6 +249,20 @@ def _batch(images: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([images] * reps)[:n])
 
 
+def gate_cost(runner, batch: np.ndarray, model_p50_s: float, *, warmup: int, iters: int) -> dict:
+    """p50 time of the out-of-distribution gate (runtime/ood.py) on this batch's model outputs, and
+    its share of the model's own p50; None for a runner without a gate (the PyTorch reference)."""
+    from .ood import OodGate  # noqa: PLC0415
+
+    metadata = getattr(runner, "metadata", None)
+    gate = OodGate.from_metadata(metadata) if metadata is not None else None
+    if gate is None:
+        return {"ood_gate_ms": None, "ood_gate_fraction": None}
+    embedding = runner.run(batch)["embedding"]
+    gate_s = percentiles(time_calls(lambda: gate.judge(gate.scores(embedding, batch)), warmup=warmup, iters=iters))["p50"]
+    return {"ood_gate_ms": gate_s * 1e3, "ood_gate_fraction": gate_s / model_p50_s}
+
+
 def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every requested backend at every batch size; return the JSON-ready result."""
     from .backends import open_backend  # noqa: PLC0415
@@ -301,6 +317,7 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = lambda s: None) 
                 torch_p50[device, bs] = stats["p50"]
             torch_s = torch_p50.get((device, bs))
             row["speedup_vs_torch"] = torch_s / stats["p50"] if torch_s else None
+            row.update(gate_cost(runner, batch, stats["p50"], warmup=cfg.warmup, iters=cfg.iters))
             row["gflops"] = flops * bs / stats["p50"] / 1e9 if flops else None
             # The matmul peak is the CPU's; a GPU row's share of it would mean nothing.
             row["fraction_of_peak"] = row["gflops"] / peak if row["gflops"] and device == "cpu" else None

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from . import nifti_check
 from .errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -58,7 +59,7 @@ def _is_nifti_name(path: Path) -> bool:
 
 
 def _open_nifti(path: str | Path, *, what: str) -> nib.Nifti1Image:
-    """nib.load with every failure turned into one InputError line."""
+    """Open a NIfTI file through the integrity checks (runtime/nifti_check.py); one InputError line."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{what} not found: {p}")
@@ -67,13 +68,9 @@ def _open_nifti(path: str | Path, *, what: str) -> nib.Nifti1Image:
     if not _is_nifti_name(p):
         raise InputError(f"{what} is not a NIfTI file (.nii or .nii.gz): {p}")
     try:
-        img = nib.load(str(p))
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile,
-            ValueError, TypeError) as exc:
-        raise InputError(f"cannot read {what} {p} as NIfTI ({_why(exc)})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputError(f"{what} is not a NIfTI image: {p} (nibabel read it as {type(img).__name__})")
-    return img
+        return nifti_check.open_image(p, what=what)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {p} ({_why(exc)})") from None
 
 
 def _why(exc: BaseException) -> str:
@@ -81,12 +78,19 @@ def _why(exc: BaseException) -> str:
     return text[:200]
 
 
-def _read_array(img, path: Path, *, what: str, index: tuple = ()) -> np.ndarray:
-    """Read (part of) the data with scaling applied; a truncated/corrupt file -> InputError."""
+def _read_array(img, path: Path, *, what: str, index: tuple = (), warnings: list[str] | None = None) -> np.ndarray:
+    """Read (part of) the data with scaling applied, then check the rest of the file
+    (nifti_check.finish: gzip CRC and length, size against the header); its warnings go to `warnings`."""
+    found: list[str] = []
     try:
-        arr = np.asanyarray(img.dataobj[index] if index else img.dataobj)
+        with nifti_check.captured_warnings(found, Path(path).name):
+            arr = np.asanyarray(img.dataobj[index] if index else img.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, MemoryError) as exc:
+        nifti_check.close(img)
         raise InputError(f"cannot read the voxels of {what} {path} (truncated or corrupt file? {_why(exc)})") from None
+    found = nifti_check.finish(img, path, what=what) + found
+    if warnings is not None:
+        warnings.extend(found)
     return np.asarray(arr)
 
 
@@ -149,7 +153,7 @@ def load_volume(path: str | Path, *, frame: int | None = None) -> Volume:
     img = _open_nifti(p, what="volume")
     shape3, index, warnings = _spatial_shape(img.shape, p, what="volume", frame=frame)
     affine = _check_affine(img.affine, p, what="volume")
-    arr = _read_array(img, p, what="volume", index=index)
+    arr = _read_array(img, p, what="volume", index=index, warnings=warnings)
     if arr.dtype.kind == "c":
         raise InputError(f"volume {p} holds complex numbers; a magnitude image is needed")
     return volume_from_array(arr.reshape(shape3), affine, source=str(p), warnings=warnings)
@@ -163,7 +167,8 @@ def volume_from_array(arr: np.ndarray, affine: np.ndarray, *, source: str, warni
     Refuses a volume whose finite voxels are all equal (or that has none).
     """
     ornt = orientations.io_orientation(affine)
-    data = _canonical(arr.astype(np.float32, copy=False), ornt)
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: refused in the liver below
+        data = _canonical(arr.astype(np.float32, copy=False), ornt)
     finite = np.isfinite(data)
     if not finite.any():
         raise InputError(f"volume {source} has no finite voxel")

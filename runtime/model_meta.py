@@ -28,9 +28,9 @@ class ModelMetadata:
 
     probs_source: "cosine" when probs = softmax(scale * cosine / temperature) (angular losses), or
         "linear" when probs come from the softmax baseline's linear classifier (Eq. 1).
-    cosine_threshold: a crop whose best cosine to any stage weight is below this looks like none
-        of the training stages; set at export from training crops (a low percentile of their best
-        cosine). None if unknown.
+    ood: the out-of-distribution gate (runtime/ood.py: banks, thresholds, how they were fitted),
+        fitted at export; None for a model exported without one (its results are all uncertain).
+        Older models' `cosine_threshold` is read and ignored.
     """
 
     class_names: tuple[str, ...]
@@ -45,7 +45,7 @@ class ModelMetadata:
     embedding_dim: int
     checkpoint_sha256: str
     versions: dict[str, str]
-    cosine_threshold: float | None = None
+    ood: dict[str, Any] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = METADATA_FORMAT_VERSION
 
@@ -59,6 +59,8 @@ class ModelMetadata:
             raise ValueError(f"probs_source must be 'cosine' or 'linear', got {self.probs_source!r}")
         if not float(self.temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.ood is not None and not isinstance(self.ood, dict):
+            raise ValueError(f"ood must be a JSON object or null, got {type(self.ood).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

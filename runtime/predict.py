@@ -20,6 +20,11 @@ inference itself runs in onnxruntime's own threads). At most two volumes are in 
 and a volume's voxels are dropped as soon as its crops are cut.
 
 Each bad input becomes an entry in `errors`; the others are still staged.
+
+Every staged volume also gets the verdict of the model's out-of-distribution gate
+(runtime/ood.py, from `backend.metadata.ood`): crops that do not look like the training crops
+make the volume `uncertain`. A model without a gate makes every volume uncertain. The gate never
+changes a stage or a probability.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 from .aggregate import VolumeStage, aggregate
 from .errors import InputError, LiverstageError
 from .io import NIFTI_SUFFIXES, load_volume
+from .ood import NO_GATE, CropScores, OodGate
 
 MASK_AND_BOX = "--mask/--mask-dir, --bbox and --roi are alternatives; give one of them"
 
@@ -56,11 +62,12 @@ class VolumeResult:
     boxes: np.ndarray           # int [N, 4] x0, y0, x1, y1 (canonical, half-open)
     probs: np.ndarray           # float [N, C]
     cosine: np.ndarray          # float [N, C]
-    timing: dict[str, float]    # load, preprocess, inference, total (s)
+    timing: dict[str, float]    # load, preprocess, inference, ood, total (s)
     warnings: list[str]
     preview: Preview | None = None
     dicom_files: tuple[Path, ...] = ()   # the staged series' instance files in slice order (DICOM only)
     series: dict | None = None           # the staged series (dicom_study.series_record); None for NIfTI
+    ood_scores: CropScores | None = None  # per crop; None when the model has no gate
 
 
 @dataclasses.dataclass
@@ -183,6 +190,7 @@ class Predictor:
         self.series = series
         self.backend = backend
         self.spec = backend.metadata.preprocess
+        self.gate = OodGate.from_metadata(backend.metadata, source=str(getattr(backend, "path", "model")))
         self.mask = Path(mask) if mask is not None else None
         self.mask_dir = Path(mask_dir) if mask_dir is not None else None
         self.mask_label = mask_label
@@ -234,30 +242,29 @@ class Predictor:
     # -- stage 2 (caller's thread): inference + aggregation -------------------------------------
     def infer(self, prepared: _Prepared) -> VolumeResult:
         t0 = time.perf_counter()
-        probs, cosine = [], []
+        probs, cosine, embedding = [], [], []
         for start in range(0, len(prepared.images), self.batch_size):
             out = self.backend.run(prepared.images[start:start + self.batch_size])
             probs.append(out["probs"])
             cosine.append(out["cosine"])
+            embedding.append(out["embedding"])
         probs_arr = np.concatenate(probs).astype(np.float64)
         cos_arr = np.concatenate(cosine).astype(np.float64)
-        if not (np.all(np.isfinite(probs_arr)) and np.all(np.isfinite(cos_arr))):
+        emb_arr = np.concatenate(embedding)
+        if not all(np.all(np.isfinite(a)) for a in (probs_arr, cos_arr, emb_arr)):
             raise InputError(f"{prepared.input}: the model returned NaN or Inf")
-        threshold = self.backend.metadata.cosine_threshold
-        verdict = aggregate(probs_arr, cos_arr, cosine_threshold=threshold)
-        warnings = list(prepared.warnings)
-        if verdict.uncertain:
-            warnings.append(
-                f"uncertain: the crops' median best cosine {verdict.median_max_cosine:.3f} is below the model's "
-                f"threshold {threshold:.3f}; these crops look like none of the training stages"
-            )
         t1 = time.perf_counter()
+        scores = self.gate.scores(emb_arr, prepared.images) if self.gate is not None else None
+        verdict = aggregate(probs_arr, ood=self.gate.judge(scores) if scores is not None else NO_GATE)
+        t2 = time.perf_counter()
         timing = dict(prepared.timing)
         timing["inference"] = t1 - t0
-        timing["total"] = timing["load"] + timing["preprocess"] + timing["inference"]
+        timing["ood"] = t2 - t1
+        timing["total"] = timing["load"] + timing["preprocess"] + timing["inference"] + timing["ood"]
         return VolumeResult(input=prepared.input, verdict=verdict, slices=prepared.slices, boxes=prepared.boxes,
-                            probs=probs_arr, cosine=cos_arr, timing=timing, warnings=warnings,
-                            preview=prepared.preview, dicom_files=prepared.dicom_files, series=prepared.series)
+                            probs=probs_arr, cosine=cos_arr, timing=timing, warnings=list(prepared.warnings),
+                            preview=prepared.preview, dicom_files=prepared.dicom_files, series=prepared.series,
+                            ood_scores=scores)
 
     def run(self, inputs: Iterable[str | Path], *,
             on_result: Callable[[VolumeResult | None, str, str | None], None] | None = None) -> PredictRun:

@@ -4,12 +4,17 @@ Report schema (every file is written atomically):
     {"liverstage_version",
      "model": {"path", "sha256", "backend", "precision"},
      "results": [{"input", "stage", "stage_name", "probabilities": {"A", "B", "C"}, "uncertain",
-                  "crops": [{"slice", "bbox", "probabilities", "max_cosine"}],
-                  "timing_s": {"load", "preprocess", "inference", "total"}, "warnings": [...],
+                  "uncertain_reason", "ood_score", "ood_threshold",
+                  "crops": [{"slice", "bbox", "probabilities", "max_cosine", "ood_score"}],
+                  "timing_s": {"load", "preprocess", "inference", "ood", "total"}, "warnings": [...],
                   "series": {...} (DICOM inputs only: the staged series, `dicom_study.series_record`)}],
      "errors": [{"input", "error"}]}
 `slice` is the crop's axial index and `bbox` its square box [x0, y0, x1, y1] (half-open), both
 in the volume's closest-canonical (RAS) voxel grid, which is what the crops were cut from.
+`stage` and `probabilities` are the model's answer whatever the gate says; read them as a stage
+only where `uncertain` is false. `ood_score` (volume: the median of its crops') is the
+out-of-distribution gate's score, above `ood_threshold` (1) atypical; both are null for a model
+without a gate, whose results are all uncertain (runtime/ood.py).
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ def _r(x: float, nd: int = 6) -> float:
     return round(float(x), nd)
 
 
+def _crop_ood(result: "VolumeResult") -> list[float | None]:
+    scores = result.ood_scores
+    return [None] * len(result.slices) if scores is None else [_r(v) for v in scores.score]
+
+
 def result_to_dict(result: "VolumeResult") -> dict[str, Any]:
     verdict = result.verdict
     crops = [
@@ -43,15 +53,20 @@ def result_to_dict(result: "VolumeResult") -> dict[str, Any]:
             "bbox": [int(v) for v in result.boxes[i]],
             "probabilities": {s: _r(p) for s, p in zip(STAGES, result.probs[i])},
             "max_cosine": _r(result.cosine[i].max()),
+            "ood_score": ood,
         }
-        for i in range(len(result.slices))
+        for i, ood in enumerate(_crop_ood(result))
     ]
+    ood = verdict.ood
     out = {
         "input": result.input,
         "stage": verdict.stage,
         "stage_name": STAGE_NAMES[verdict.stage],
         "probabilities": {s: _r(p) for s, p in verdict.probabilities.items()},
         "uncertain": verdict.uncertain,
+        "uncertain_reason": ood.reason,
+        "ood_score": None if ood.score is None else _r(ood.score),
+        "ood_threshold": ood.threshold,
         "crops": crops,
         "timing_s": {k: _r(v, 4) for k, v in result.timing.items()},
         "warnings": list(result.warnings),
@@ -77,39 +92,47 @@ def write_report(path: str | Path, run: "PredictRun") -> dict[str, Any]:
 
 
 def write_crops_csv(path: str | Path, run: "PredictRun") -> None:
-    """One row per crop: input, slice, box, predicted stage, probabilities, cosines, max cosine."""
+    """One row per crop: input, slice, box, predicted stage, probabilities, cosines, max cosine, OOD score."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["input", "slice", "x0", "y0", "x1", "y1", "predicted",
-                     *[f"prob_{s}" for s in STAGES], *[f"cos_{s}" for s in STAGES], "max_cosine"])
+                     *[f"prob_{s}" for s in STAGES], *[f"cos_{s}" for s in STAGES], "max_cosine", "ood_score"])
     for r in run.results:
-        for i in range(len(r.slices)):
+        for i, ood in enumerate(_crop_ood(r)):
             writer.writerow([r.input, int(r.slices[i]), *[int(v) for v in r.boxes[i]],
                              STAGES[int(np.argmax(r.probs[i]))],
                              *[f"{p:.6f}" for p in r.probs[i]], *[f"{c:.6f}" for c in r.cosine[i]],
-                             f"{r.cosine[i].max():.6f}"])
+                             f"{r.cosine[i].max():.6f}", "" if ood is None else f"{ood:.6f}"])
     write_text(path, buf.getvalue())
 
 
 def print_table(run: "PredictRun", console=None) -> None:
-    """A short summary table on stdout (rich)."""
+    """A short summary table on stdout (rich): an uncertain volume shows "uncertain", not a stage."""
     from rich.console import Console  # noqa: PLC0415
+    from rich.markup import escape  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     console = console or Console()
     table = Table(title=f"liverstage predict ({run.model['backend']}, {run.model['precision']})")
-    for col in ("input", "stage", "P(A/B/C)", "crops", "uncertain", "s"):
+    for col in ("input", "stage", "P(A/B/C)", "crops", "OOD score", "s"):
         table.add_column(col, justify="left" if col in ("input", "stage") else "right", overflow="fold")
     for r in run.results:
         v = r.verdict
-        table.add_row(Path(r.input).name, f"{v.stage} {STAGE_NAMES[v.stage]}",
-                      "/".join(f"{v.probabilities[s]:.2f}" for s in STAGES), str(len(r.slices)),
-                      "yes" if v.uncertain else "no", f"{r.timing['total']:.2f}")
+        score = "n/a" if v.ood.score is None else f"{v.ood.score:.2f}"
+        if v.uncertain:
+            stage, probs = "[yellow]uncertain[/yellow]", "-"
+        else:
+            stage, probs = f"{v.stage} {STAGE_NAMES[v.stage]}", "/".join(f"{v.probabilities[s]:.2f}" for s in STAGES)
+        table.add_row(escape(Path(r.input).name), stage, probs, str(len(r.slices)), score, f"{r.timing['total']:.2f}")
     for inp, _err in run.errors:
-        table.add_row(Path(inp).name, "[red]error[/red]", "", "", "", "")
+        table.add_row(escape(Path(inp).name), "[red]error[/red]", "", "", "", "")
     console.print(table)
+    for r in run.results:
+        if r.verdict.uncertain:
+            console.print(f"[yellow]uncertain[/yellow] {escape(r.input)}: {escape(r.verdict.ood.reason or '')}",
+                          highlight=False, markup=True, soft_wrap=True)
     for inp, err in run.errors:
-        console.print(f"[red]error[/red] {inp}: {err}", highlight=False, markup=True, soft_wrap=True)
+        console.print(f"[red]error[/red] {escape(inp)}: {escape(err)}", highlight=False, markup=True, soft_wrap=True)
 
 
 def _import_matplotlib():

@@ -18,7 +18,7 @@ from liverstage.runtime.model_meta import ModelMetadata
 from liverstage.runtime.spec import PreprocessSpec
 
 
-def tiny_metadata(*, crop_size: int = 32, cosine_threshold: float | None = None,
+def tiny_metadata(*, crop_size: int = 32, ood: dict | None = None,
                   embedding_dim: int = 8, scale: float = 30.0, extra: dict | None = None) -> ModelMetadata:
     return ModelMetadata(
         class_names=("A", "B", "C"),
@@ -33,7 +33,7 @@ def tiny_metadata(*, crop_size: int = 32, cosine_threshold: float | None = None,
         embedding_dim=embedding_dim,
         checkpoint_sha256="0" * 64,
         versions={"test": "1"},
-        cosine_threshold=cosine_threshold,
+        ood=ood,
         extra=dict(extra or {}),
     )
 

@@ -121,3 +121,34 @@ def small_volume_path(small_cohort):
 
     row = read_manifest(small_cohort)[0]
     return row.image, row.mask
+
+
+@pytest.fixture(scope="session")
+def cohort_crops(small_cohort, tiny_model):
+    """Per phantom of `small_cohort`: (volume, mask, crops) with the tiny model's spec (crop 32)."""
+    from liverstage.runtime.backends import open_backend
+    from liverstage.runtime.crops import crops_for_volume
+    from liverstage.runtime.manifest import read_manifest
+
+    spec = open_backend(tiny_model, device="cpu").metadata.preprocess
+    return [(row.image, row.mask, crops_for_volume(row.image, spec=spec, mask=row.mask).images)
+            for row in read_manifest(small_cohort)]
+
+
+@pytest.fixture(scope="session")
+def gated_model(tmp_path_factory, tiny_onnx, tiny_model, cohort_crops):
+    """The tiny model with an out-of-distribution gate fitted as export fits one, on its own
+    embeddings: bank from phantoms 0-7 of `small_cohort`, thresholds from phantoms 8-11."""
+    import numpy as np  # noqa: PLC0415
+
+    from liverstage.export.ood_fit import build_gate
+    from liverstage.runtime.backends import open_backend
+
+    backend = open_backend(tiny_model, device="cpu")
+    spec = backend.metadata.preprocess
+    bank = np.concatenate([c for _, _, c in cohort_crops[:8]])
+    held = np.concatenate([c for _, _, c in cohort_crops[8:]])
+    gate = build_gate(backend.run(bank)["embedding"], bank, backend.run(held)["embedding"], held,
+                      clip_low=spec.clip_low, clip_high=spec.clip_high, fit={"source": "tests"})
+    meta = tiny_onnx.tiny_metadata(crop_size=32, ood=gate)
+    return tiny_onnx.build_tiny_onnx(tmp_path_factory.mktemp("gated") / "gated.onnx", crop_size=32, metadata=meta)

@@ -170,7 +170,7 @@ def test_metadata_round_trip(exported, amcl_checkpoint):
     assert meta.checkpoint_sha256 == hashlib.sha256(amcl_checkpoint.read_bytes()).hexdigest()
     assert Path(meta.extra["checkpoint_path"]) == amcl_checkpoint.resolve()
     assert {"torch", "onnx", "onnxruntime"} <= set(meta.versions)
-    assert meta.cosine_threshold is not None and -1.0 <= meta.cosine_threshold <= 1.0
+    assert meta.ood is not None and meta.ood["embedding"]["threshold"] > 0 and meta.ood["image"]["threshold"] > 0
     assert meta.temperature > 0
     # The same through the ONNX file itself.
     props = {p.key: p.value for p in onnx.load(str(exported), load_external_data=False).metadata_props}
@@ -186,6 +186,12 @@ def test_export_writes_parity_and_card(exported):
     assert (exported.parent / "MODEL_CARD.md").is_file()
     card = json.loads((exported.parent / "model_card.json").read_text())
     assert card["exports"][0]["file"] == exported.name
+    # The gate's figures travel in the parity JSON and the card; its banks only inside the model.
+    gate = parity["ood_gate"]
+    assert 0.0 <= gate["held_out_false_alarms"]["volumes"] <= 1.0 and gate["far_ood"]["volumes"] > 0
+    assert "Out-of-distribution gate" in (exported.parent / "MODEL_CARD.md").read_text()
+    for text in (json.dumps(parity), json.dumps(card), (exported.parent / "MODEL_CARD.md").read_text()):
+        assert "base64" not in text
 
 
 def test_batch_1_and_batch_7_agree(exported, crops):

@@ -107,7 +107,8 @@ def test_phantom_fallback_without_manifest(tmp_path, small_cohort):
     result, log = export(ckpt, tmp_path / "o.onnx")
     assert "freshly generated phantoms" in result.parity["source"], log
     assert result.parity["max_abs_delta_cosine"] <= 1e-4
-    assert result.metadata.cosine_threshold is None  # no training crops reachable
+    assert result.metadata.ood is None  # no in-distribution crops reachable: no gate
+    assert result.parity["ood_gate"]["gate"] is None
 
 
 def test_calibration_manifest_is_used(trained, tmp_path, small_cohort):

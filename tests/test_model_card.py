@@ -17,7 +17,7 @@ def metadata(sha: str = "1" * 64, precision: str = "fp32") -> ModelMetadata:
     return ModelMetadata(
         class_names=("A", "B", "C"), preprocess=PreprocessSpec(crop_size=48), backbone="resnet18", loss="dr-amcl",
         scale=30.0, margin=0.5, temperature=2.5, probs_source="cosine", precision=precision, embedding_dim=512,
-        checkpoint_sha256=sha, versions={"liverstage": "0.1.0", "torch": "2.x"}, cosine_threshold=0.42,
+        checkpoint_sha256=sha, versions={"liverstage": "0.1.0", "torch": "2.x"},
     )
 
 

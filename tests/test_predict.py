@@ -15,6 +15,7 @@ from liverstage.runtime.backends import open_backend
 from liverstage.runtime.cli import main
 from liverstage.runtime.crops import crops_for_volume
 from liverstage.runtime.errors import InputError
+from liverstage.runtime.ood import NO_GATE
 from liverstage.runtime.predict import Predictor, find_mask, resolve_inputs
 from liverstage.runtime.stages import STAGES
 
@@ -134,26 +135,14 @@ def test_folder_input_and_mask_dir(tmp_path, tiny_model, capsys):
     assert data["errors"] == []
 
 
-def test_uncertain_flag(tmp_path, tiny_onnx):
-    vol, mask = write_phantom(tmp_path)
-    for threshold, expected in ((0.999, True), (-1.0, False), (None, False)):
-        meta = tiny_onnx.tiny_metadata(crop_size=32).replace(cosine_threshold=threshold)
-        model = tiny_onnx.build_tiny_onnx(tmp_path / f"m{threshold}.onnx", metadata=meta)
-        run = Predictor(open_backend(model, device="cpu"), mask=mask).run([vol])
-        r = run.results[0]
-        assert r.verdict.uncertain is expected
-        assert any("uncertain" in w for w in r.warnings) is expected
-
-
 def test_aggregate_rule():
     probs = np.array([[0.6, 0.3, 0.1], [0.0, 0.9, 0.1], [0.5, 0.4, 0.1]])
-    cos = np.array([[0.2, 0.1, 0.0], [0.1, 0.5, 0.0], [0.3, 0.1, 0.0]])
-    v = aggregate(probs, cos, cosine_threshold=0.4)
+    v = aggregate(probs, ood=NO_GATE)
     # Mean P(A) = 0.367 < mean P(B) = 0.533: B, though two of three crops vote A.
     assert v.stage == "B" and v.probability == pytest.approx(1.6 / 3)
-    assert v.median_max_cosine == pytest.approx(0.3) and v.uncertain
+    assert v.uncertain  # no gate: nothing reads as certain
     with pytest.raises(ValueError):
-        aggregate(np.zeros((0, 3)), np.zeros((0, 3)), cosine_threshold=None)
+        aggregate(np.zeros((0, 3)), ood=NO_GATE)
 
 
 class _SlowBackend:

@@ -52,7 +52,7 @@ def print_bench(result: dict, console=None) -> None:
     console.print(f"(numpy BLAS: {m['matmul_blas']}; above 100% of this peak means the backend's kernels beat it)",
                   highlight=False)
     table = Table(title=f"liverstage bench: {result['model']['backbone']} at {result['model']['crop_size']} px")
-    for col in ("backend", "batch", "p50 ms", "p90 ms", "p99 ms", "crops/s", "vs torch", "GFLOP/s", "% peak"):
+    for col in ("backend", "batch", "p50 ms", "p90 ms", "p99 ms", "crops/s", "vs torch", "GFLOP/s", "% peak", "OOD gate"):
         table.add_column(col, justify="left" if col == "backend" else "right", no_wrap=col == "backend")
     for r in result["results"]:
         if r["skipped"]:
@@ -63,6 +63,7 @@ def print_bench(result: dict, console=None) -> None:
             f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "n/a",
             f"{r['gflops']:.1f}" if r["gflops"] else "n/a",
             f"{100 * r['fraction_of_peak']:.0f}%" if r["fraction_of_peak"] else "n/a",
+            f"{r['ood_gate_ms']:.2f} ms ({100 * r['ood_gate_fraction']:.1f}%)" if r.get("ood_gate_ms") is not None else "n/a",
         )
     console.print(table)
     for r in result["results"]:

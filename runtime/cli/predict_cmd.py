@@ -9,6 +9,9 @@ import typer
 
 from ..errors import InputError
 
+UNCERTAIN_EXIT_CODE = 3
+
+
 
 def register(app: typer.Typer) -> None:
     @app.command("predict")
@@ -33,10 +36,11 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | int8. auto: the model's own, or bf16 with OpenVINO where the CPU has native bf16 and the model's parity record allows it. int8 runs the sibling X.int8.onnx."),
         hint: str = typer.Option("latency", "--hint", help="OpenVINO performance hint: latency (one request on all threads) or throughput (several streams, each batch split across them)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stdout."),
+        strict: bool = typer.Option(False, "--strict", help="Exit with code 3 when any staged input is uncertain (its crops look unlike the model's training crops, or the model has no out-of-distribution gate), so an unattended pipeline can route it to a person. Outputs are still written."),
     ) -> None:
         """Stage liver fibrosis (A early, B middle, C last) per volume, without torch.
 
-        The stage of a volume is the argmax of its crops' mean probability. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then).
+        The stage of a volume is the argmax of its crops' mean probability; a volume whose crops look unlike the model's training crops is "uncertain" instead. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then), 3 with --strict when no input failed but one or more are uncertain.
         """
         from ..backends.choice import choose_backend, model_info, validate_choice  # noqa: PLC0415
         from ..dicom import quiet_pydicom_warnings  # noqa: PLC0415
@@ -83,3 +87,5 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"ran {backend.reason}")
         if run.errors:
             raise typer.Exit(code=1)
+        if strict and any(r.verdict.uncertain for r in run.results):
+            raise typer.Exit(code=UNCERTAIN_EXIT_CODE)

@@ -1,0 +1,151 @@
+"""The out-of-distribution gate in the runtime: scores, the volume rule, predict, the report, --strict.
+
+`gated_model` (conftest.py): the tiny ONNX model with a gate fitted, as export fits one, on the
+crops of the session's phantom cohort (synthetic, not patients).
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from liverstage.export.ood_fit import MAX_BANK, build_gate, payload_bytes
+from liverstage.runtime.backends import open_backend
+from liverstage.runtime.errors import ModelError
+from liverstage.runtime.ood import (DESCRIPTOR_DIM, NO_GATE_REASON, OodGate, decode_array, encode_array,
+                                    image_descriptor)
+from liverstage.runtime.predict import Predictor
+
+CROP = 32
+
+
+def noise_volume(folder, seed=0):
+    """Pure Gaussian noise with a liver-sized box mask (the issue's first example)."""
+    rng = np.random.default_rng(seed)
+    data = rng.normal(500, 100, (64, 64, 16)).astype(np.float32)
+    mask = np.zeros(data.shape, np.uint8)
+    mask[30:56, 18:46, :] = 1
+    affine = np.diag([3.0, 3.0, 6.0, 1.0])
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), folder / "noise.nii.gz")
+    nib.save(nib.Nifti1Image(mask, affine), folder / "noise_mask.nii.gz")
+    return folder / "noise.nii.gz", folder / "noise_mask.nii.gz"
+
+
+def test_bank_round_trip_in_float16():
+    bank = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    back = decode_array(encode_array(bank))
+    assert back.dtype == np.float32 and back.shape == (7, 5)
+    np.testing.assert_allclose(back, bank, atol=2e-3)
+    bad = encode_array(bank)
+    bad["shape"] = [7, 6]
+    with pytest.raises(ValueError):
+        decode_array(bad)
+
+
+def test_image_descriptor_any_crop_size():
+    rng = np.random.default_rng(1)
+    for size in (8, 32, 50, 64, 224):
+        images = rng.uniform(-0.5, 1.5, (3, 1, size, size)).astype(np.float32)
+        d = image_descriptor(images, clip_low=-0.5, clip_high=1.5)
+        assert d.shape == (3, DESCRIPTOR_DIM) and np.isfinite(d).all()
+        hist = d[:, 64:80]
+        np.testing.assert_allclose(hist.sum(axis=1), 1.0, atol=1e-6)  # the histogram counts every pixel once
+    flat = image_descriptor(np.full((1, 1, 32, 32), 0.5, np.float32), clip_low=-0.5, clip_high=1.5)
+    assert np.isfinite(flat).all()
+
+
+def test_gate_payload_for_a_2048_d_embedding():
+    """ResNet50's 2048-d embedding: the bank is stored in 64 principal directions, far below 4 MB."""
+    rng = np.random.default_rng(2)
+    emb = np.abs(rng.standard_normal((300, 2048))).astype(np.float32)  # post-ReLU
+    images = rng.uniform(0, 1, (300, 1, 32, 32)).astype(np.float32)
+    gate = build_gate(emb, images, emb[:40], images[:40], clip_low=-0.5, clip_high=1.5)
+    assert gate["embedding"]["basis"]["shape"] == [2048, 64] and gate["embedding"]["bank"]["shape"] == [300, 64]
+    per_crop = 2 * (64 + DESCRIPTOR_DIM)
+    assert payload_bytes(gate) == 2 * 2048 * 64 + 300 * per_crop
+    assert 2 * 2048 * 64 + MAX_BANK * per_crop <= 4 * 2**20  # the largest bank export writes
+
+
+def test_gate_flags_noise_and_passes_held_out_phantoms(gated_model, cohort_crops, tmp_path):
+    backend = open_backend(gated_model, device="cpu")
+    gate = OodGate.from_metadata(backend.metadata)
+    verdicts = [gate.judge(gate.scores(backend.run(c)["embedding"], c)) for _, _, c in cohort_crops]
+    assert sum(v.uncertain for v in verdicts) <= 1  # in-distribution: at most one false alarm in 12
+    vol, mask = noise_volume(tmp_path)
+    run = Predictor(backend, mask=mask).run([vol])
+    r = run.results[0]
+    assert r.verdict.uncertain and r.verdict.ood.score > 1.0
+    assert "look unlike the liver crops" in r.verdict.ood.reason
+    assert r.ood_scores.score.shape == (len(r.slices),)
+    assert np.median(r.ood_scores.score) == pytest.approx(r.verdict.ood.score)
+
+
+def test_staging_is_unchanged_by_the_gate(gated_model, tiny_model, cohort_crops):
+    """The same volumes through the same network with and without a gate: identical stages and probabilities."""
+    with_gate = Predictor(open_backend(gated_model, device="cpu"))
+    without = Predictor(open_backend(tiny_model, device="cpu"))
+    for vol, mask, _ in cohort_crops[8:]:
+        with_gate.mask = without.mask = mask
+        a, b = with_gate.run([vol]).results[0], without.run([vol]).results[0]
+        assert a.verdict.stage == b.verdict.stage
+        assert a.verdict.probabilities == b.verdict.probabilities
+        np.testing.assert_array_equal(a.probs, b.probs)
+        assert b.verdict.uncertain and b.verdict.ood.reason == NO_GATE_REASON and b.ood_scores is None
+
+
+def test_cli_report_table_and_strict(gated_model, tmp_path, run_cli, small_volume_path):
+    noise, noise_mask = noise_volume(tmp_path)
+    liver, liver_mask = small_volume_path
+    report = tmp_path / "r.json"
+    code, out, err = run_cli(["predict", noise, "--model", gated_model, "--mask", noise_mask, "--report", report])
+    assert code == 0, err  # uncertain is an answer, not an error
+    assert "uncertain" in out and "look unlike the liver crops" in out
+    result = json.loads(report.read_text())["results"][0]
+    assert result["uncertain"] is True and result["ood_score"] > result["ood_threshold"] == 1.0
+    assert "look unlike" in result["uncertain_reason"]
+    assert all(c["ood_score"] is not None for c in result["crops"])
+    report.unlink()
+    code, _, err = run_cli(["predict", noise, "--model", gated_model, "--mask", noise_mask, "--report", report,
+                            "--strict", "--quiet"])
+    assert code == 3 and report.is_file() and err == ""  # routed to a person, the report still written
+    code, _, err = run_cli(["predict", liver, "--model", gated_model, "--mask", liver_mask, "--strict", "--quiet"])
+    assert code == 0, err
+
+
+def test_model_without_gate_is_uncertain_not_an_error(tiny_model, small_volume_path, tmp_path, run_cli):
+    vol, mask = small_volume_path
+    report = tmp_path / "r.json"
+    code, out, err = run_cli(["predict", vol, "--model", tiny_model, "--mask", mask, "--report", report])
+    assert code == 0, err
+    result = json.loads(report.read_text())["results"][0]
+    assert result["uncertain"] is True and result["uncertain_reason"] == NO_GATE_REASON
+    assert result["ood_score"] is None and result["stage"] in "ABC"
+    code, _, _ = run_cli(["predict", vol, "--model", tiny_model, "--mask", mask, "--strict", "--quiet"])
+    assert code == 3
+
+
+def test_malformed_gate_is_one_clear_line(tiny_onnx, tmp_path, run_cli, small_volume_path):
+    vol, mask = small_volume_path
+    meta = tiny_onnx.tiny_metadata(crop_size=CROP, ood={"method": "knn-embedding+knn-image", "format_version": 1})
+    model = tiny_onnx.build_tiny_onnx(tmp_path / "bad.onnx", crop_size=CROP, metadata=meta)
+    with pytest.raises(ModelError, match="invalid out-of-distribution gate"):
+        Predictor(open_backend(model, device="cpu"))
+    report = tmp_path / "r.json"
+    code, _, err = run_cli(["predict", vol, "--model", model, "--mask", mask, "--report", report])
+    assert code == 2 and "invalid out-of-distribution gate" in err and len(err.strip().splitlines()) == 1
+    assert not report.exists()
+
+
+def test_bench_times_the_gate(gated_model, tiny_model):
+    from liverstage.runtime.bench import BenchConfig, run_bench
+
+    for model, gated in ((gated_model, True), (tiny_model, False)):
+        result = run_bench(BenchConfig(model=model, backends=("onnx",), batch_sizes=(16,), warmup=1, iters=3))
+        row = result["results"][0]
+        assert (row["ood_gate_ms"] is not None) is gated
+        if gated:
+            assert row["ood_gate_ms"] > 0 and row["ood_gate_fraction"] == pytest.approx(row["ood_gate_ms"] / row["p50_ms"])

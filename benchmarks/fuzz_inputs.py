@@ -123,6 +123,7 @@ def write_dicom_series(folder: Path, data: np.ndarray, spacing: list[float]) -> 
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.PatientID, ds.PatientName, ds.Modality = "PHANTOM", "Phantom^NotAPatient", "MR"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]  # a series the rules stage: mutations reach the reader
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [0.0, 0.0, round(k * spacing[2], 4)]

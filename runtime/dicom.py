@@ -140,7 +140,16 @@ def _check_pixels(ds) -> None:
     pydicom = import_pydicom()
     name = ds.filename
     uid = pydicom.uid.UID(transfer_syntax(ds))
+    if not uid.is_transfer_syntax:
+        raise InputError(f"{name}: transfer syntax {str(uid)[:70]!r} is not a DICOM transfer syntax (damaged file?)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    for key in ("RescaleSlope", "RescaleIntercept"):
+        try:
+            value = float(ds.get(key, 0) or 0)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not np.isfinite(value):
+            raise InputError(f"{name}: {key} {ds.get(key)!r} is not a finite number")
     if not uid.is_encapsulated:
         bits = int(ds.get("BitsAllocated", 16) or 16)
         expected = (int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1) * bits + 7) // 8

@@ -111,14 +111,34 @@ def dicom_headers(folder: str | Path, *, recursive: bool = True) -> list:
     for path in _walk(folder, recursive):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001  (not DICOM, or unreadable: not part of any series)
+        except Exception as exc:  # noqa: BLE001  (not DICOM: ignored; a damaged DICOM file: refused)
+            if _has_dicom_preamble(path):
+                raise InputError(f"{folder}: {path.name} is a damaged DICOM file ({type(exc).__name__}); "
+                                 "repair or remove it (a series missing it could be staged without a slice)") from None
             continue
         meta = getattr(ds, "file_meta", None)
         if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY:
             continue
+        for key in ("StudyInstanceUID", "SeriesInstanceUID"):
+            uid = str(ds.get(key, "") or "").strip()
+            if not _UID.fullmatch(uid):
+                what = f"an invalid {key} {uid[:70]!r}" if uid else f"no {key}"
+                raise InputError(f"{folder}: DICOM file {path.name} has {what} (damaged?); repair or remove it")
         ds.filename = str(path)
         headers.append(ds)
     return headers
+
+
+_UID = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")  # PS3.5 9.1: digits and dots, at most 64 characters
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """The DICOM file format's magic 'DICM' after the 128-byte preamble (PS3.10 7.1)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _image_type(ds) -> tuple[str, ...]:

@@ -104,15 +104,27 @@ def staged(tmp_path_factory, small_volume_path, tiny_model):
             "sr": next(folder.glob("SR_*.dcm")), "sc": next(folder.glob("SC_*.dcm"))}
 
 
-@pytest.fixture(scope="module")
-def uncertain(tmp_path_factory, staged):
-    """The same series written directly with an uncertain result that carries extra keys."""
-    result = dict(staged["result"], uncertain=True, ood_score=4.25, ood_reason="kNN distance 4.25 above the threshold 2.1",
-                  warnings=["uncertain: the crops look like none of the training stages", "no mask given"])
+def _written(tmp_path_factory, staged, name, **changes):
+    """The staged series written directly with the staged result changed by `changes`."""
+    result = dict(staged["result"], **changes)
     picture = np.asarray(Image.open(staged["png"]).convert("RGB"))
-    paths = write_dicom_results(tmp_path_factory.mktemp("uncertain"), series_files=sorted(staged["series"].iterdir()),
+    paths = write_dicom_results(tmp_path_factory.mktemp(name), series_files=sorted(staged["series"].iterdir()),
                                 result=result, model=staged["report"]["model"], picture_rgb=picture)
     return {"result": result, "sr": paths[0], "sc": paths[1], "picture": picture}
+
+
+@pytest.fixture(scope="module")
+def uncertain(tmp_path_factory, staged):
+    """An uncertain result that carries its reason and extra keys."""
+    return _written(tmp_path_factory, staged, "uncertain", uncertain=True, ood_score=4.25,
+                    uncertain_reason="kNN distance 4.25 above the threshold 2.1",
+                    warnings=["uncertain: the crops look like none of the training stages", "no mask given"])
+
+
+@pytest.fixture(scope="module")
+def certain(tmp_path_factory, staged):
+    """The same result, certain."""
+    return _written(tmp_path_factory, staged, "certain", uncertain=False, uncertain_reason=None, warnings=[])
 
 
 def test_predict_dicom_out_writes_an_sr_and_an_sc_per_series(staged):
@@ -156,7 +168,7 @@ def test_sr_holds_stage_probabilities_flag_algorithm_and_evidence(staged):
     assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("COMPLETE", "UNVERIFIED", "PRELIMINARY")
 
 
-def test_sc_is_the_summary_picture_with_the_result_burned_in(staged, uncertain):
+def test_sc_is_the_summary_picture_with_the_result_burned_in(staged, uncertain, certain):
     sc = pydicom.dcmread(staged["sc"])
     assert (sc.PhotometricInterpretation, int(sc.SamplesPerPixel), sc.BurnedInAnnotation) == ("RGB", 3, "YES")
     assert sc.StudyInstanceUID == staged["sources"][0].StudyInstanceUID
@@ -169,11 +181,14 @@ def test_sc_is_the_summary_picture_with_the_result_burned_in(staged, uncertain):
     assert ((top[..., 0] > 200) & (top[..., 2] < 60)).any()  # the yellow research-use line
     assert (top.min(axis=2) > 200).any()  # white result lines
     assert RESEARCH_ONLY in sc.DerivationDescription and staged["result"]["stage"] in sc.DerivationDescription
+    assert ("UNCERTAIN" in sc.DerivationDescription) == staged["result"]["uncertain"]
     # Another verdict burns other pixels into the banner, over the same picture.
+    sure = pydicom.dcmread(certain["sc"]).pixel_array
     other = pydicom.dcmread(uncertain["sc"]).pixel_array
-    assert other.shape == pixels.shape and not np.array_equal(other[:banner], pixels[:banner])
+    assert other.shape == sure.shape == pixels.shape and not np.array_equal(other[:banner], sure[:banner])
     np.testing.assert_array_equal(other[banner:], picture)
     assert "UNCERTAIN" in pydicom.dcmread(uncertain["sc"]).DerivationDescription
+    assert "UNCERTAIN" not in pydicom.dcmread(certain["sc"]).DerivationDescription
 
 
 def test_uncertain_result_carries_its_reason_and_extra_keys(uncertain, staged):
@@ -181,7 +196,7 @@ def test_uncertain_result_carries_its_reason_and_extra_keys(uncertain, staged):
     codes = {name: value for kind, name, value in items if kind == "CODE"}
     assert codes["UNCERTAIN"] == SCT_YES
     texts = [(name, value) for kind, name, value in items if kind == "TEXT"]
-    assert ("UNCERTAIN-WHY", uncertain["result"]["ood_reason"]) in texts
+    assert ("UNCERTAIN-WHY", uncertain["result"]["uncertain_reason"]) in texts
     assert ("121106", "ood_score: 4.25") in texts
     assert ("121106", "uncertain: the crops look like none of the training stages") in texts
     assert ("121106", "no mask given") in texts

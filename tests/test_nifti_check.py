@@ -79,7 +79,7 @@ def _corrupt_crc(packed: bytes) -> bytes:
     ("crc", "fails its integrity check"),
     ("length", "fails its integrity check"),
     ("garbage", "fails its integrity check"),
-    ("truncated", "truncated or corrupt"),
+    ("truncated", "truncated or corrupt|fails its integrity check"),  # where it is noticed depends on the gzip module
 ])
 def test_corrupt_gzip_stream_is_refused(tmp_path, how, needle):
     packed = gzip.compress(volume_bytes(), mtime=0)

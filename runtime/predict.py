@@ -157,7 +157,8 @@ def load_input(item, *, series: str | None = None):
     return load_volume(item), (), None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An error as the one line a report or a job keeps (the type named where it is not ours)."""
     text = " ".join(str(exc).split())
     if isinstance(exc, LiverstageError):
         return text
@@ -289,7 +290,7 @@ class Predictor:
                 try:
                     result = self.infer(current.result())
                 except Exception as exc:  # noqa: BLE001  (one bad input must not stop the others)
-                    errors.append((str(path), _one_line(exc)))
+                    errors.append((str(path), one_line(exc)))
                     if on_result:
                         on_result(None, str(path), errors[-1][1])
                     continue

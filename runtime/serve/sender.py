@@ -18,6 +18,7 @@ from typing import Sequence
 
 from ..errors import InputError
 from .queue import JobQueue
+from .loop import run_steps, sleep_until
 from .worker import RESULTS
 
 log = logging.getLogger("liverstage.serve")
@@ -26,7 +27,6 @@ BACKOFF_FIRST = 2.0
 BACKOFF_MAX = 300.0
 MAX_SEND_ATTEMPTS = 10
 NETWORK_TIMEOUT = 30.0
-MAX_SLEEP = 1.0
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 printable chars, no backslash
 
 
@@ -112,23 +112,14 @@ class Sender:
         self.wake = threading.Event()
 
     def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                try:
-                    self.step()
-                except Exception:  # noqa: BLE001  (a database hiccup must not end the thread)
-                    log.exception("sender: unexpected error; going on in %g s", MAX_SLEEP)
-                    self.stop.wait(MAX_SLEEP)
-        finally:
-            self.queue.close()
+        run_steps("sender", self.step, stop=self.stop, close=self.queue.close)
 
     def step(self) -> None:
         """Send one due series, or sleep until the next one is due."""
         self.wake.clear()
         job = self.queue.claim_send()
         if job is None:
-            due = self.queue.next_send_due()
-            self.wake.wait(MAX_SLEEP if due is None else min(max(due - time.time(), 0.0) + 0.001, MAX_SLEEP))
+            sleep_until(self.wake, self.queue.next_send_due())
             return
         self.send(job)
 

@@ -19,14 +19,14 @@ from pathlib import Path
 
 from ..atomic import atomic_dir
 from ..errors import LiverstageError
-from ..predict import _one_line
+from ..predict import one_line
 from .queue import MAX_ATTEMPTS, Job, JobQueue
+from .loop import run_steps, sleep_until
 from .staging import read_headers, series_verdict, stage_series, write_results
 
 log = logging.getLogger("liverstage.serve")
 
 RESULTS = "results"
-MAX_SLEEP = 1.0
 
 
 class Worker:
@@ -44,15 +44,7 @@ class Worker:
         self.current: Job | None = None
 
     def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                try:
-                    self.step()
-                except Exception:  # noqa: BLE001  (a database hiccup must not end the thread)
-                    log.exception("worker: unexpected error; going on in %g s", MAX_SLEEP)
-                    self.stop.wait(MAX_SLEEP)
-        finally:
-            self.queue.close()
+        run_steps("worker", self.step, stop=self.stop, close=self.queue.close)
 
     def step(self) -> None:
         """Queue the series that became complete, then stage one job or sleep until one is due."""
@@ -61,19 +53,13 @@ class Worker:
             log.info("series %s complete (no instance for %g s): queued", uid, self.quiet_seconds)
         job = self.queue.claim()
         if job is None:
-            self.wake.wait(self._sleep_time())
+            sleep_until(self.wake, self.queue.next_quiet_due(self.quiet_seconds))
             return
         self.current = job
         try:
             self.process(job)
         finally:
             self.current = None
-
-    def _sleep_time(self) -> float:
-        due = self.queue.next_quiet_due(self.quiet_seconds)
-        if due is None:
-            return MAX_SLEEP
-        return min(max(due - time.time(), 0.0) + 0.001, MAX_SLEEP)
 
     def process(self, job: Job) -> str:
         """Stage one claimed series; returns the state the queue recorded."""
@@ -89,9 +75,9 @@ class Worker:
             with atomic_dir(self.results_root / uid) as tmp:
                 write_results(tmp, report=report, result=result)
         except LiverstageError as exc:
-            return self._finish(job, "failed", reason=_one_line(exc))
+            return self._finish(job, "failed", reason=one_line(exc))
         except Exception as exc:  # noqa: BLE001  (anything else may be transient: retry, then give up)
-            reason = _one_line(exc)
+            reason = one_line(exc)
             log.exception("series %s: attempt %d raised", uid, job.attempts)
             if job.attempts < MAX_ATTEMPTS:
                 self.queue.requeue(job, f"attempt {job.attempts} raised {reason}; retrying")

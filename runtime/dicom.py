@@ -193,6 +193,22 @@ def _to_nibabel_grid(volume, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(data), _LPS_TO_RAS @ lps
 
 
+def _highdicom_volume(highdicom, datasets, multi):
+    """highdicom's volume of one enhanced instance or of a classic series; InputError when it cannot build one."""
+    try:
+        if multi:
+            image = highdicom.Image.from_dataset(datasets[0], copy=False)
+            return image.get_volume(dtype=np.float32, rtol=GAP_RTOL, perpendicular_tol=PERPENDICULAR_TOL,
+                                    **_PIXEL_TRANSFORMS)
+        return highdicom.get_volume_from_series(
+            datasets, dtype=np.float32, rtol=GAP_RTOL, perpendicular_tol=PERPENDICULAR_TOL,
+            orientation_tol=ORIENTATION_TOL, **_PIXEL_TRANSFORMS)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (highdicom raises ValueError/RuntimeError/AttributeError)
+        raise InputError(f"{_where(datasets)}: cannot build a volume from the series ({_why(exc)})") from None
+
+
 def read_dicom_series(source) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read one series: (data float32 [columns, rows, slices], RAS affine 4x4, warnings).
 
@@ -216,19 +232,10 @@ def read_dicom_series(source) -> tuple[np.ndarray, np.ndarray, list[str]]:
         _check_pixels(ds)
 
     highdicom = _import_highdicom()
-    try:
-        if multi:
-            image = highdicom.Image.from_dataset(datasets[0], copy=False)
-            volume = image.get_volume(dtype=np.float32, rtol=GAP_RTOL, perpendicular_tol=PERPENDICULAR_TOL,
-                                      **_PIXEL_TRANSFORMS)
-        else:
-            volume = highdicom.get_volume_from_series(
-                datasets, dtype=np.float32, rtol=GAP_RTOL, perpendicular_tol=PERPENDICULAR_TOL,
-                orientation_tol=ORIENTATION_TOL, **_PIXEL_TRANSFORMS)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001  (highdicom raises ValueError/RuntimeError/AttributeError)
-        raise InputError(f"{_where(datasets)}: cannot build a volume from the series ({_why(exc)})") from None
+    # An extreme rescale overflows float32 quietly here; the non-finite voxels it makes are refused
+    # where they matter (inside the liver region), with one clear line instead of numpy's warning.
+    with np.errstate(over="ignore", invalid="ignore"):
+        volume = _highdicom_volume(highdicom, datasets, multi)
     if volume.number_of_channel_dimensions:
         raise InputError(f"{_where(datasets)}: colour images; a greyscale MR series is needed")
     data, affine = _to_nibabel_grid(volume, normal_of(geometry.frames[0].orientation))

@@ -102,7 +102,8 @@ def _walk(folder: Path, recursive: bool) -> list[Path]:
 
 
 def dicom_headers(folder: str | Path, *, recursive: bool = True) -> list:
-    """The headers (no pixel data) of every DICOM image file under `folder`; other files are ignored."""
+    """The headers (pixel data deferred, not read) of every DICOM file under `folder`; other files are
+    ignored, a damaged DICOM file is refused (InputError naming it)."""
     pydicom = import_pydicom()
     folder = Path(folder)
     if not folder.is_dir():
@@ -110,8 +111,9 @@ def dicom_headers(folder: str | Path, *, recursive: bool = True) -> list:
     headers = []
     for path in _walk(folder, recursive):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            for _element in ds:  # pydicom parses values lazily: a damaged one fails here, not later
+            # Every element is parsed, the large ones (pixel data) deferred: not read, but seen to be there.
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+            for _element in (*ds.file_meta, *ds):  # values are parsed lazily: a damaged one fails here, not later
                 pass
         except Exception as exc:  # noqa: BLE001  (not DICOM: ignored; a damaged DICOM file: refused)
             if _has_dicom_preamble(path):
@@ -126,9 +128,25 @@ def dicom_headers(folder: str | Path, *, recursive: bool = True) -> list:
             if not _UID.fullmatch(uid):
                 what = f"an invalid {key} {uid[:70]!r}" if uid else f"no {key}"
                 raise InputError(f"{folder}: DICOM file {path.name} has {what} (damaged?); repair or remove it")
+        if _is_image_class(ds) and not any(k in ds for k in _PIXEL_KEYWORDS):
+            raise InputError(f"{folder}: DICOM image file {path.name} has no pixel data (cut short?); "
+                             "repair or remove it (a series missing it could be staged without a slice)")
         ds.filename = str(path)
         headers.append(ds)
     return headers
+
+
+_DEFER_BYTES = 4096
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _is_image_class(ds) -> bool:
+    """An instance of an image storage SOP class (MR, enhanced MR, CT, secondary capture, ...)."""
+    pydicom = import_pydicom()
+    try:
+        return "Image Storage" in pydicom.uid.UID(str(ds.get("SOPClassUID", "") or "")).name
+    except Exception:  # noqa: BLE001  (an unknown class: not known to be an image)
+        return False
 
 
 _UID = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")  # PS3.5 9.1: digits and dots, at most 64 characters

@@ -116,7 +116,7 @@ def dicom_headers(folder: str | Path, *, recursive: bool = True) -> list:
             for _element in (*ds.file_meta, *ds):  # values are parsed lazily: a damaged one fails here, not later
                 pass
         except Exception as exc:  # noqa: BLE001  (not DICOM: ignored; a damaged DICOM file: refused)
-            if _has_dicom_preamble(path):
+            if _has_dicom_preamble(path) or path.suffix.lower() in _DICOM_SUFFIXES:
                 raise InputError(f"{folder}: {path.name} is a damaged DICOM file ({type(exc).__name__}); "
                                  "repair or remove it (a series missing it could be staged without a slice)") from None
             continue
@@ -137,6 +137,7 @@ def dicom_headers(folder: str | Path, *, recursive: bool = True) -> list:
 
 
 _DEFER_BYTES = 4096
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # a file named so that does not parse is a damaged DICOM file
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 

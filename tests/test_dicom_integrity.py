@@ -159,11 +159,23 @@ def test_non_image_and_odd_files_are_ignored(tmp_path, series_dirs):
     from liverstage.runtime.dicom_study import scan_dicom  # noqa: PLC0415
 
     shutil.copytree(series_dirs["explicit"], tmp_path / "s")
-    (tmp_path / "s" / "empty.dcm").write_bytes(b"")
-    (tmp_path / "s" / "junk.dcm").write_bytes(np.random.default_rng(0).bytes(600))
+    (tmp_path / "s" / "empty").write_bytes(b"")
+    (tmp_path / "s" / "junk.bin").write_bytes(np.random.default_rng(0).bytes(600))
+    (tmp_path / "s" / "notes.txt").write_text("not DICOM")
     (tmp_path / "s" / ".hidden.dcm").write_bytes((tmp_path / "s" / "IM0001.dcm").read_bytes())
     (series,) = scan_dicom(tmp_path)
     assert series.stageable and series.n_instances == 17
+
+
+@pytest.mark.parametrize("name, content", [("empty.dcm", b""), ("junk.dcm", b"x" * 600), ("IM0099.IMA", b"\0" * 110)])
+def test_unreadable_file_named_as_dicom_is_refused(tmp_path, series_dirs, name, content):
+    """A .dcm / .ima file that does not parse may be a lost slice: the study is refused, naming it."""
+    from liverstage.runtime.dicom_study import scan_dicom  # noqa: PLC0415
+
+    shutil.copytree(series_dirs["explicit"], tmp_path / "s")
+    (tmp_path / "s" / name).write_bytes(content)
+    with pytest.raises(InputError, match=f"{name} is a damaged DICOM file"):
+        scan_dicom(tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DS")

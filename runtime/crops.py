@@ -99,25 +99,44 @@ def _packed_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return packed_idx, packed_w
 
 
-def _resample_axis0(a: np.ndarray, n_out: int) -> np.ndarray:
-    finite = bool(np.isfinite(a).all())  # else every tap, so NaN/inf spread exactly as the plain sum does
-    idx, w = (_packed_taps if finite else _resample_taps)(a.shape[0], n_out)
-    out = np.zeros((n_out,) + a.shape[1:], dtype=np.float64)
-    term = np.empty_like(out)
-    for k in range(idx.shape[1]):  # fixed order of elementwise multiply-adds, one reused buffer
-        a.take(idx[:, k], axis=0, out=term)
-        np.multiply(term, w[:, k, None], out=term)
-        np.add(out, term, out=out)
+def _resample(a: np.ndarray, n_out: int, *, axis: int, finite: bool) -> np.ndarray:
+    """`a` (float64, 2D) resampled to n_out along `axis` (0 or 1): w0*a[i0] + w1*a[i1] + ..., taps
+    in order, one elementwise multiply-add per tap (no BLAS, whose blocking could reorder sums).
+
+    The sum starts at its first term; the plain sum's leading +0.0 is added once, by the caller,
+    after the last pass (`_finish`): bit for bit the same result (the two can differ only in the
+    sign of a zero, which adding +0.0 at the end makes +0.0, as the plain sum always gives)."""
+    idx, w = (_packed_taps if finite else _resample_taps)(a.shape[axis], n_out)  # NaN/inf: every tap, spread as the plain sum does
+    out = None
+    for k in range(idx.shape[1]):
+        if axis == 0:
+            term = a[idx[:, k]]
+            term *= w[:, k, None]
+        else:
+            term = a[:, idx[:, k]]
+            term *= w[None, :, k]
+        if out is None:
+            out = term
+        else:
+            out += term
     return out
+
+
+def _finish(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The plain sum's leading +0.0 (see `_resample`), written to `out` (any float dtype) if given."""
+    return np.add(a, 0.0, out=out if out is not None else a)
+
+
+def _resize_unfinished(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    a = np.ascontiguousarray(image, dtype=np.float64)
+    finite = bool(np.isfinite(a).all())
+    return _resample(_resample(a, rows, axis=0, finite=finite), cols, axis=1, finite=finite)
 
 
 def resize2d(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Anti-aliased bilinear resize of a 2D float image to (rows, cols), float64, numpy only."""
     rows, cols = (size, size) if isinstance(size, (int, np.integer)) else size
-    a = np.ascontiguousarray(image, dtype=np.float64)
-    a = _resample_axis0(a, int(rows))
-    a = np.ascontiguousarray(_resample_axis0(np.ascontiguousarray(a.T), int(cols)).T)
-    return a
+    return _finish(_resize_unfinished(image, int(rows), int(cols)))
 
 
 def _square_box(xs_lo: int, xs_hi: int, ys_lo: int, ys_hi: int, margin: float) -> tuple[int, int, int, int]:
@@ -129,14 +148,18 @@ def _square_box(xs_lo: int, xs_hi: int, ys_lo: int, ys_hi: int, margin: float) -
     return x0, y0, x0 + out, y0 + out
 
 
-def _cut(slice2d: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndarray:
-    """The box of a [X, Y] slice, filled with `fill` where it leaves the image."""
+def _cut_normalised(slice2d: np.ndarray, box: tuple[int, int, int, int], lo: float, hi: float,
+                    spec: PreprocessSpec, fill: float) -> np.ndarray:
+    """The box of a [X, Y] slice, normalised (`_normalise`), `fill` (already normalised) where it
+    leaves the image: the same values as normalising the cut box, in fewer passes over it."""
     x0, y0, x1, y1 = box
     out = np.full((x1 - x0, y1 - y0), fill, dtype=np.float64)
     X, Y = slice2d.shape
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, X), min(y1, Y)
     if sx0 < sx1 and sy0 < sy1:
-        out[sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0] = slice2d[sx0:sx1, sy0:sy1]
+        window = out[sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0]
+        window[...] = slice2d[sx0:sx1, sy0:sy1]
+        _normalise_in_place(window, lo, hi, spec)
     return out
 
 
@@ -145,11 +168,16 @@ def _to_display(crop_xy: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(crop_xy[::-1, ::-1].T)
 
 
+def _normalise_in_place(values: np.ndarray, lo: float, hi: float, spec: PreprocessSpec) -> np.ndarray:
+    """float64 `values` -> (v - lo) / (hi - lo), non-finite -> clip_low, clipped to the clip range."""
+    values -= lo
+    values /= hi - lo
+    values[~np.isfinite(values)] = spec.clip_low
+    return np.clip(values, spec.clip_low, spec.clip_high, out=values)
+
+
 def _normalise(values: np.ndarray, lo: float, hi: float, spec: PreprocessSpec) -> np.ndarray:
-    out = np.asarray(values, dtype=np.float64) - lo
-    out /= hi - lo
-    out[~np.isfinite(out)] = spec.clip_low
-    return np.clip(out, spec.clip_low, spec.clip_high, out=out)
+    return _normalise_in_place(np.array(values, dtype=np.float64), lo, hi, spec)
 
 
 def make_crops(volume: Volume, region: np.ndarray, spec: PreprocessSpec) -> CropSet:
@@ -174,22 +202,23 @@ def make_crops(volume: Volume, region: np.ndarray, spec: PreprocessSpec) -> Crop
             f"intensities inside the liver region of {volume.source} are constant ({lo:g}) between the "
             f"{spec.percentile_low:g} and {spec.percentile_high:g} percentiles; cannot normalise"
         )
-    areas = np.count_nonzero(region, axis=(0, 1))
-    keep = np.nonzero((areas > 0) & (areas >= spec.min_area_fraction * float(areas.max())))[0]
-    fill_raw = lo + spec.clip_low * (hi - lo)  # normalises to clip_low
     x_any, y_any = region.any(axis=1), region.any(axis=0)  # the region's in-plane extent per slice, in one pass each
-    images, boxes = [], []
-    for z in keep:
+    areas = np.add.reduce(region.view(np.uint8).reshape(-1, region.shape[2]), axis=0, dtype=np.uint32).astype(np.int64)
+    keep = np.nonzero((areas > 0) & (areas >= spec.min_area_fraction * float(areas.max())))[0]
+    fill_raw = lo + spec.clip_low * (hi - lo)
+    fill = float(_normalise(np.array([fill_raw]), lo, hi, spec)[0])  # what the box's outside normalises to (~clip_low)
+    size = spec.crop_size
+    images = np.empty((len(keep), 1, size, size), dtype=np.float32)
+    boxes = []
+    for i, z in enumerate(keep):
         xs = np.nonzero(x_any[:, z])[0]
         ys = np.nonzero(y_any[:, z])[0]
         box = _square_box(int(xs[0]), int(xs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1, spec.box_margin)
-        crop = _normalise(_cut(data[:, :, z], box, fill_raw), lo, hi, spec)
-        crop = resize2d(_to_display(crop), spec.crop_size)
-        images.append(crop.astype(np.float32))
+        crop = _to_display(_cut_normalised(data[:, :, z], box, lo, hi, spec, fill))
+        _finish(_resize_unfinished(crop, size, size), out=images[i, 0])  # float64 sums, rounded once to float32
         boxes.append(box)
-    images_arr = np.stack(images)[:, None, :, :] if images else np.zeros((0, 1, spec.crop_size, spec.crop_size), np.float32)
     return CropSet(
-        images=np.ascontiguousarray(images_arr, dtype=np.float32),
+        images=images,
         slices=np.asarray(keep, dtype=np.int64),
         boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
         spacing=tuple(volume.spacing),  # type: ignore[arg-type]

@@ -188,6 +188,46 @@ def test_resize_is_the_plain_per_tap_sum_bit_for_bit():
         assert resize2d(image, (rows, cols)).tobytes() == want.tobytes()
 
 
+def test_make_crops_is_the_plain_computation_bit_for_bit():
+    """However make_crops is arranged for speed, each crop is: cut the box (raw values, the fill
+    outside the image), normalise the whole box, flip to display, the plain per-tap resize, and
+    float32 at the end. Boxes leave the image, voxels outside the region are NaN, inf and -0.0."""
+    from liverstage.runtime.crops import _resample_taps, _square_box
+    from liverstage.runtime.io import volume_from_array
+
+    def axis0(a, n):
+        idx, w = _resample_taps(a.shape[0], n)
+        out = np.zeros((n,) + a.shape[1:])
+        for k in range(idx.shape[1]):
+            out = out + w[:, k, None] * a[idx[:, k]]
+        return out
+
+    rng = np.random.default_rng(11)
+    data = rng.normal(300.0, 80.0, (40, 36, 9)).astype(np.float32)
+    region = np.zeros(data.shape, bool)
+    region[2:30, 5:36, 1:8] = True
+    data[~region & (rng.random(data.shape) < 0.05)] = np.nan
+    data[0, 0, :] = np.inf
+    data[1, 1, :] = -0.0
+    spec = PreprocessSpec(crop_size=56, box_margin=0.3)
+    volume = volume_from_array(data, np.eye(4), source="synthetic")
+    got = make_crops(volume, region, spec)
+    lo, hi = np.percentile(volume.data[region].astype(np.float64), [spec.percentile_low, spec.percentile_high])
+    assert len(got) == 7
+    for image, z in zip(got.images, got.slices):
+        xs, ys = np.nonzero(region[:, :, z].any(axis=1))[0], np.nonzero(region[:, :, z].any(axis=0))[0]
+        x0, y0, x1, y1 = _square_box(xs[0], xs[-1] + 1, ys[0], ys[-1] + 1, spec.box_margin)
+        assert x0 < 0 or y0 < 0 or x1 > data.shape[0] or y1 > data.shape[1]  # the box leaves the image
+        box = np.full((x1 - x0, y1 - y0), lo + spec.clip_low * (hi - lo))
+        sx, sy = slice(max(x0, 0), min(x1, data.shape[0])), slice(max(y0, 0), min(y1, data.shape[1]))
+        box[sx.start - x0 : sx.stop - x0, sy.start - y0 : sy.stop - y0] = volume.data[sx, sy, z]
+        box = (box - lo) / (hi - lo)
+        box[~np.isfinite(box)] = spec.clip_low
+        display = np.clip(box, spec.clip_low, spec.clip_high)[::-1, ::-1].T
+        want = axis0(np.ascontiguousarray(axis0(np.ascontiguousarray(display), 56).T), 56).T.astype(np.float32)
+        assert image[0].tobytes() == np.ascontiguousarray(want).tobytes()
+
+
 def test_shrinking_is_anti_aliased():
     checker = (np.indices((96, 96)).sum(axis=0) % 2).astype(np.float64)  # highest frequency
     small = resize2d(checker, 24)

@@ -16,7 +16,7 @@ from liverstage.export.ood_fit import MAX_BANK, build_gate, payload_bytes
 from liverstage.runtime.backends import open_backend
 from liverstage.runtime.errors import ModelError
 from liverstage.runtime.ood import (DESCRIPTOR_DIM, NO_GATE_REASON, OodGate, decode_array, encode_array,
-                                    image_descriptor)
+                                    image_descriptor, descriptor_factor)
 from liverstage.runtime.predict import Predictor
 
 CROP = 32
@@ -56,6 +56,16 @@ def test_image_descriptor_any_crop_size():
         np.testing.assert_allclose(hist.sum(axis=1), 1.0, atol=1e-6)  # the histogram counts every pixel once
     flat = image_descriptor(np.full((1, 1, 32, 32), 0.5, np.float32), clip_low=-0.5, clip_high=1.5)
     assert np.isfinite(flat).all()
+
+
+def test_large_crops_are_described_as_their_block_means():
+    """A 224-px crop is described at 56 px: exactly as the 4 x 4 block means of it would be."""
+    assert [descriptor_factor(s) for s in (32, 64, 111, 112, 223, 224, 448, 512)] == [1, 1, 1, 2, 2, 4, 8, 8]
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0.0, 1.0, (4, 1, 224, 224)).astype(np.float32)
+    blocks = images.reshape(4, 1, 56, 4, 56, 4).mean(axis=(3, 5), dtype=np.float64).astype(np.float32)
+    np.testing.assert_allclose(image_descriptor(images, clip_low=0.0, clip_high=1.0),
+                               image_descriptor(blocks, clip_low=0.0, clip_high=1.0), atol=1e-5)
 
 
 def test_gate_payload_for_a_2048_d_embedding():

@@ -169,18 +169,20 @@ def test_resize_same_size_is_identity():
     np.testing.assert_array_equal(resize2d(a, 17), a)
 
 
+def axis0(a, n):
+    """The plain resample along axis 0: 0 + w0*a0 + w1*a1 + ... in float64, every tap in order."""
+    from liverstage.runtime.crops import _resample_taps
+
+    idx, w = _resample_taps(a.shape[0], n)
+    out = np.zeros((n,) + a.shape[1:])
+    for k in range(idx.shape[1]):
+        out = out + w[:, k, None] * a[idx[:, k]]
+    return out
+
+
 def test_resize_is_the_plain_per_tap_sum_bit_for_bit():
     """However resize2d is arranged for speed, every output is 0 + w0*a0 + w1*a1 + ... in float64,
     taps in order, so crops never change with its implementation."""
-    from liverstage.runtime.crops import _resample_taps
-
-    def axis0(a, n):
-        idx, w = _resample_taps(a.shape[0], n)
-        out = np.zeros((n,) + a.shape[1:])
-        for k in range(idx.shape[1]):
-            out = out + w[:, k, None] * a[idx[:, k]]
-        return out
-
     rng = np.random.default_rng(5)
     for shape, (rows, cols) in (((37, 53), (224, 224)), ((150, 150), (64, 64)), ((9, 200), (31, 17))):
         image = np.clip(rng.standard_normal(shape), -0.5, 1.5)
@@ -192,15 +194,8 @@ def test_make_crops_is_the_plain_computation_bit_for_bit():
     """However make_crops is arranged for speed, each crop is: cut the box (raw values, the fill
     outside the image), normalise the whole box, flip to display, the plain per-tap resize, and
     float32 at the end. Boxes leave the image, voxels outside the region are NaN, inf and -0.0."""
-    from liverstage.runtime.crops import _resample_taps, _square_box
+    from liverstage.runtime.crops import _square_box
     from liverstage.runtime.io import volume_from_array
-
-    def axis0(a, n):
-        idx, w = _resample_taps(a.shape[0], n)
-        out = np.zeros((n,) + a.shape[1:])
-        for k in range(idx.shape[1]):
-            out = out + w[:, k, None] * a[idx[:, k]]
-        return out
 
     rng = np.random.default_rng(11)
     data = rng.normal(300.0, 80.0, (40, 36, 9)).astype(np.float32)

@@ -181,11 +181,22 @@ def image_descriptor(images: np.ndarray, *, clip_low: float, clip_high: float) -
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b (BLAS). These products are small (16 x 64 x 1024 at most per batch), below the size
-    at which OpenBLAS starts a second thread, so they do not wait for a core that inference or
-    the next volume's loading is using. Measured on the quiet 2-core machine, 16 x 64 x 782:
-    BLAS p50 0.013 ms, p99 0.026 ms; numpy's einsum loops 0.094 / 0.134 ms."""
+    """a @ b (BLAS, in one thread: see `one_blas_thread`). Measured on the quiet 2-core machine,
+    16 x 64 x 782: BLAS p50 0.013 ms, p99 0.026 ms; numpy's einsum loops 0.094 / 0.134 ms."""
     return a @ b
+
+
+def one_blas_thread() -> None:
+    """Set numpy's BLAS to one thread (process-wide; threadpoolctl).
+
+    Why: OpenBLAS starts a second thread for products above 2^18 multiply-adds, and the gate's
+    are above it (16 x 84 x 782 for the demo's image bank). That thread needs a core which the
+    model, predict's prefetch thread or serve's network threads are using: measured with the
+    2 cores busy, the image part took 2.65 ms with two BLAS threads and 0.11 ms with one. The
+    runtime has no other BLAS work, and torch keeps its own threads."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k: int) -> np.ndarray:
@@ -254,6 +265,7 @@ class OodGate:
         self.dim = int(self.basis.shape[0])
         self._embedding_bank_t = np.ascontiguousarray(self.embedding_bank.T)  # [m, K]
         self._image_bank = (np.ascontiguousarray(self.image_bank.T), np.einsum("ij,ij->i", self.image_bank, self.image_bank))
+        one_blas_thread()
 
     @classmethod
     def from_metadata(cls, metadata, *, source: str = "model") -> "OodGate | None":

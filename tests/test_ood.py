@@ -80,6 +80,16 @@ def test_gate_payload_for_a_2048_d_embedding():
     assert 2 * 2048 * 64 + MAX_BANK * per_crop <= 4 * 2**20  # the largest bank export writes
 
 
+def test_a_gate_leaves_numpy_blas_one_thread(gated_model):
+    """The gate's products must not wait for a second BLAS thread on cores the model is using."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        OodGate.from_metadata(open_backend(gated_model, device="cpu").metadata)
+        blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+        assert blas and all(lib["num_threads"] == 1 for lib in blas)
+
+
 def test_gate_flags_noise_and_passes_held_out_phantoms(gated_model, cohort_crops, tmp_path):
     backend = open_backend(gated_model, device="cpu")
     gate = OodGate.from_metadata(backend.metadata)

@@ -106,7 +106,8 @@ def _resample(a: np.ndarray, n_out: int, *, axis: int, finite: bool) -> np.ndarr
     The sum starts at its first term; the plain sum's leading +0.0 is added once, by the caller,
     after the last pass (`_finish`): bit for bit the same result (the two can differ only in the
     sign of a zero, which adding +0.0 at the end makes +0.0, as the plain sum always gives)."""
-    idx, w = (_packed_taps if finite else _resample_taps)(a.shape[axis], n_out)  # NaN/inf: every tap, spread as the plain sum does
+    # With NaN/inf in `a`: every tap, so they spread exactly as in the plain sum.
+    idx, w = (_packed_taps if finite else _resample_taps)(a.shape[axis], n_out)
     out = None
     for k in range(idx.shape[1]):
         if axis == 0:

@@ -16,8 +16,8 @@ Backends:
              CPU without native bf16), and the int8 model; skipped without OpenVINO
   trt        `engine`, else the sibling `X.engine`; skipped without TensorRT / a GPU
   torch      PyTorch eager fp32 from the checkpoint (`checkpoint`, else
-             metadata.extra["checkpoint_path"]), built by `torch_reference` (the caller passes
-             liverstage.train.reference.TorchEager); skipped without it or a checkpoint
+             metadata.extra["checkpoint_path"]), built by `torch_reference` (the CLI passes
+             TorchEager from the train package's reference module); skipped without it or a checkpoint
 A skipped backend is a row with `skipped` saying why, never an error.
 
 FLOPs: counted once per crop from the ONNX graph's Conv / Gemm / MatMul shapes after onnx shape
@@ -178,8 +178,8 @@ class BenchConfig:
     int8_model: Path | None = None
     engine: Path | None = None
     checkpoint: Path | None = None
-    # (checkpoint, threads, device) -> runner: the PyTorch eager reference (liverstage.train.reference
-    # .TorchEager, passed in by the bench command where torch is installed; None: the torch row is skipped)
+    # (checkpoint, threads, device) -> runner: the PyTorch eager reference (TorchEager of the train
+    # package's reference module, passed in by the bench command where torch is installed; None: the torch row is skipped)
     torch_reference: Callable[[Path, int | None, str], object] | None = None
 
     def validate(self) -> None:

@@ -210,6 +210,14 @@ def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k
     return np.sqrt(np.maximum(kth.astype(np.float64), 0.0))
 
 
+def _median(values: np.ndarray) -> float:
+    """np.median of a short finite 1-D array, the same value without its general machinery
+    (a third of the gate's per-batch scoring time at batch 16)."""
+    ordered = np.sort(values)
+    middle = len(ordered) // 2
+    return float(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class CropScores:
     """Per crop: the two kNN distances and the combined score (> 1: atypical)."""
@@ -288,7 +296,8 @@ class OodGate:
             raise ValueError(f"embedding of shape {list(emb.shape)} does not match the gate "
                              f"(dimension {self.dim}) or the {len(images)} crops")
         sims = matmul(matmul(emb, self.basis), self._embedding_bank_t)
-        kth = -np.partition(-sims, self.k["embedding"] - 1, axis=1)[:, self.k["embedding"] - 1]
+        kth_largest = sims.shape[1] - self.k["embedding"]  # the k-th largest cosine, by its index in ascending order
+        kth = np.partition(sims, kth_largest, axis=1)[:, kth_largest]
         d_emb = np.sqrt(np.clip(2.0 - 2.0 * kth.astype(np.float64), 0.0, 4.0))
         d_img = kth_distance(self.image_features(images), *self._image_bank, self.k["image"])
         score = np.maximum(d_emb / self.thresholds["embedding"], d_img / self.thresholds["image"])
@@ -299,7 +308,7 @@ class OodGate:
         score = np.asarray(crops.score, dtype=np.float64)
         if score.ndim != 1 or len(score) < 1:
             raise ValueError(f"need the scores of at least one crop, got shape {score.shape}")
-        median = float(np.median(score))
+        median = _median(score)
         atypical = score > THRESHOLD
         reason = None
         if median > THRESHOLD:

@@ -68,6 +68,15 @@ def test_large_crops_are_described_as_their_block_means():
                                image_descriptor(blocks, clip_low=0.0, clip_high=1.0), atol=1e-5)
 
 
+def test_the_volume_median_is_numpys():
+    from liverstage.runtime.ood import _median
+
+    rng = np.random.default_rng(4)
+    for n in range(1, 40):
+        values = rng.random(n) * 10.0 ** rng.integers(-3, 4)
+        assert _median(values) == float(np.median(values))
+
+
 def test_gate_payload_for_a_2048_d_embedding():
     """ResNet50's 2048-d embedding: the bank is stored in 64 principal directions, far below 4 MB."""
     rng = np.random.default_rng(2)

@@ -133,7 +133,8 @@ def descriptor_factor(size: int) -> int:
 def _block_mean(x: np.ndarray, factor: int) -> np.ndarray:
     """factor x factor block means of [N, H, W] (a remainder of rows / columns is dropped): whole
     rows are summed first (contiguous memory; einsum's loop is 1.3x numpy's reduction here), then
-    strided columns, in one pass over the crop."""
+    strided columns, in one pass over the crop. `_pool2` is its factor-2 case, bit for bit, kept
+    for the small texture levels, where its two slices are 20 % faster than the einsum."""
     if factor == 1:
         return x
     n, h, w = x.shape[0], x.shape[1] // factor, x.shape[2] // factor

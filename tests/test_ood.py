@@ -66,6 +66,11 @@ def test_large_crops_are_described_as_their_block_means():
     blocks = images.reshape(4, 1, 56, 4, 56, 4).mean(axis=(3, 5), dtype=np.float64).astype(np.float32)
     np.testing.assert_allclose(image_descriptor(images, clip_low=0.0, clip_high=1.0),
                                image_descriptor(blocks, clip_low=0.0, clip_high=1.0), atol=1e-5)
+    from liverstage.runtime.ood import _block_mean, _pool2
+
+    for size in (5, 28, 63, 64):  # the levels' 2 x 2 pooling is the block mean's factor-2 case
+        x = rng.uniform(-0.5, 1.5, (3, size, size)).astype(np.float32)
+        assert _pool2(x).tobytes() == _block_mean(x, 2).tobytes()
 
 
 def test_the_volume_median_is_numpys():

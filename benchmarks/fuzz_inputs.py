@@ -49,8 +49,7 @@ import gzip
 import io
 import json
 import multiprocessing as mp
-import os
-import queue
+import multiprocessing.connection as mp_connection
 import shutil
 import struct
 import sys
@@ -399,16 +398,51 @@ def _valid_json(path: Path) -> bool:
 
 
 # -- workers ----------------------------------------------------------------------------------------
-def _worker(tasks, results, seed: int, bases: dict, model: str, work: str) -> None:
+# Each worker has a pipe of its own, not a share of two queues: a worker killed for a hang could
+# die holding a shared queue's lock (its feeder thread between writing a message and releasing
+# the lock), and every later worker would then block on that lock for ever. A pipe has no lock
+# to leave behind; killing a worker loses only its own pipe.
+WORKER_START_TIMEOUT = 180.0  # seconds for a fresh worker to import liverstage and say it is ready
+
+
+def _worker(conn, seed: int, bases: dict, model: str, work: str) -> None:
+    from liverstage.runtime.cli import main  # noqa: F401, PLC0415  (imported before "ready": a case's time is its own)
+
+    conn.send(("ready", None))
     while True:
-        case = tasks.get()
+        case = conn.recv()
         if case is None:
             return
         start = time.time()
-        results.put(("start", case, (os.getpid(), start)))
         row = run_case(case, seed, bases, model, Path(work))
         row["seconds"] = round(time.time() - start, 3)
-        results.put(("done", case, row))
+        conn.send(("done", row))
+
+
+class _WorkerSlot:
+    """One worker process, its end of the pipe, and the case it runs (None when idle)."""
+
+    def __init__(self, ctx, args: tuple) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, *args), daemon=True)
+        self.proc.start()
+        child.close()
+        self.born = time.time()
+        self.ready = False
+        self.case: int | None = None
+        self.since = 0.0
+
+    def stop(self, *, kill: bool) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            with contextlib.suppress(OSError):
+                self.conn.send(None)
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=10)
+        self.conn.close()
 
 
 def run(model: Path, out: Path, *, cases: int, seed: int, workers: int, timeout: float,
@@ -416,7 +450,8 @@ def run(model: Path, out: Path, *, cases: int, seed: int, workers: int, timeout:
     """Run cases 0..cases-1 (skipping those already in OUT/results.jsonl); returns the summary.
 
     A case past `timeout` is a hang: only its worker is killed and replaced. A worker that dies
-    during a case (a crash of the interpreter itself) makes that case a traceback.
+    during a case (a crash of the interpreter itself) makes that case a traceback. Every wait is
+    bounded: a case by `timeout`, a worker's start by WORKER_START_TIMEOUT, so the loop ends.
     """
     if workers not in (1, 2):
         raise ValueError("--workers must be 1 or 2 (the machine is shared)")
@@ -429,64 +464,67 @@ def run(model: Path, out: Path, *, cases: int, seed: int, workers: int, timeout:
                 row = json.loads(line)
                 done[int(row["case"])] = row
     todo = [c for c in range(cases) if c not in done]
+    todo.reverse()  # popped from the end: cases run in order
     bases = make_bases(out / "bases", seed)
     work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
     ctx = mp.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for case in todo:
-        tasks.put(case)
-    procs: dict[int, object] = {}
-
-    def start_worker() -> None:
-        p = ctx.Process(target=_worker, args=(tasks, results, seed, bases, str(model.resolve()), str(work)), daemon=True)
-        p.start()
-        procs[p.pid] = p
-
-    for _ in range(min(workers, len(todo))):
-        start_worker()
-    running: dict[int, tuple[int, float]] = {}  # case -> (worker pid, start time in the worker)
+    worker_args = (seed, bases, str(model.resolve()), str(work))
+    slots = [_WorkerSlot(ctx, worker_args) for _ in range(min(workers, len(todo)))]
     started = time.time()
-    with results_path.open("a", encoding="utf-8") as sink:
+    try:
+        with results_path.open("a", encoding="utf-8") as sink:
 
-        def record(row: dict) -> None:
-            done[row["case"]] = row
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            if len(done) % 100 == 0:
-                log(f"{len(done)} of {cases} cases ({time.time() - started:.0f} s)")
+            def record(row: dict) -> None:
+                done[row["case"]] = row
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                if len(done) % 100 == 0:
+                    log(f"{len(done)} of {cases} cases ({time.time() - started:.0f} s)")
 
-        while len(done) < cases:
-            try:
-                kind, case, value = results.get(timeout=0.5)
-            except queue.Empty:
-                kind = None
-            if kind == "start":
-                running[case] = value
-            elif kind == "done" and case not in done:
-                running.pop(case, None)
-                if value["seconds"] > timeout:  # finished, but past the limit: a hang all the same
-                    value["outcome"], value["failures"] = "hang", value["failures"] + ["hang"]
-                record(value)
-            for case, (pid, since) in list(running.items()):
-                proc = procs.get(pid)
-                dead = proc is None or not proc.is_alive()
-                if dead or time.time() - since > timeout:
-                    outcome = "traceback" if dead else "hang"
-                    record({"case": case, "outcome": outcome, "failures": [outcome], "target": "", "truth": "",
-                            "desc": f"worker {'died' if dead else 'killed after the timeout'}", "stderr": ""})
-                    running.pop(case)
-                    if proc is not None:
-                        proc.kill()
-                        proc.join()
-                    procs.pop(pid, None)
-                    start_worker()
-    for _ in procs:
-        tasks.put(None)
-    for proc in procs.values():
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-    shutil.rmtree(work, ignore_errors=True)
+            while len(done) < cases:
+                for slot in slots:
+                    if slot.ready and slot.case is None and todo:
+                        slot.case, slot.since = todo.pop(), time.time()
+                        slot.conn.send(slot.case)
+                for conn in mp_connection.wait([s.conn for s in slots], timeout=0.5):
+                    slot = next(s for s in slots if s.conn is conn)
+                    try:
+                        kind, value = conn.recv()
+                    except (EOFError, OSError):
+                        continue  # the worker died: seen below as not alive
+                    if kind == "ready":
+                        slot.ready = True
+                    elif kind == "done" and slot.case is not None:
+                        if value["seconds"] > timeout:  # finished, but past the limit: a hang all the same
+                            value["outcome"], value["failures"] = "hang", value["failures"] + ["hang"]
+                        record(value)
+                        slot.case = None
+                for slot in list(slots):
+                    alive = slot.proc.is_alive()
+                    if slot.case is not None:
+                        if alive and time.time() - slot.since <= timeout:
+                            continue
+                        outcome = "hang" if alive else "traceback"
+                        record({"case": slot.case, "outcome": outcome, "failures": [outcome], "target": "",
+                                "truth": "", "stderr": "",
+                                "desc": f"worker {'killed after the timeout' if alive else 'died'}"})
+                    elif not slot.ready:
+                        if not alive:
+                            raise RuntimeError(f"a fuzz worker died while starting (exit code {slot.proc.exitcode})")
+                        if time.time() - slot.born > WORKER_START_TIMEOUT:
+                            raise RuntimeError(f"a fuzz worker did not start within {WORKER_START_TIMEOUT:.0f} s")
+                        continue
+                    elif alive:
+                        continue  # idle and well
+                    slot.case = None
+                    slot.stop(kill=True)
+                    slots.remove(slot)
+                    if todo:
+                        slots.append(_WorkerSlot(ctx, worker_args))
+    finally:
+        for slot in slots:
+            slot.stop(kill=False)
+        shutil.rmtree(work, ignore_errors=True)
     summary = summarise([done[c] for c in range(cases)])
     from liverstage.runtime.atomic import write_json  # noqa: PLC0415
 

@@ -493,15 +493,19 @@ def test_three_associations_twenty_series_each_staged_once_memory_flat(tmp_path,
             return sizes
 
         three_senders(20)
-        rss_after_20 = server.rss_kb()
         three_senders(20)
         rss_after_40 = server.rss_kb()
-        assert len(list((work / "results").iterdir())) == 43
-        # Flat: bounded caches (fonts, text layout, pydicom's dictionaries) fill during the first
-        # couple of dozen series; after that another 20 series must not add memory.
-        growth_mb = (rss_after_40 - rss_after_20) / 1024
-        assert growth_mb < 12, (f"server RSS grew {growth_mb:.1f} MB over the second 20 series "
-                                f"({rss_after_20 // 1024} -> {rss_after_40 // 1024} MB)")
+        three_senders(20)
+        rss_after_60 = server.rss_kb()
+        assert len(list((work / "results").iterdir())) == 63
+        # Flat: bounded caches (fonts, text layout, pydicom's dictionaries) and the allocator's
+        # pools fill during the first few dozen series, longer when the machine is busy (measured
+        # with the 2 cores overloaded, MB after each 20: 277, 295, 297, 297, 297); after 40 more
+        # series another 20 must not add memory. A figure or volume kept per series would add
+        # several MB each.
+        growth_mb = (rss_after_60 - rss_after_40) / 1024
+        assert growth_mb < 12, (f"server RSS grew {growth_mb:.1f} MB over the third 20 series "
+                                f"({rss_after_40 // 1024} -> {rss_after_60 // 1024} MB)")
         assert server.terminate() == 0
     finally:
         server.kill()

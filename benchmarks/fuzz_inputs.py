@@ -50,6 +50,7 @@ import io
 import json
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
+import os
 import shutil
 import struct
 import sys
@@ -320,8 +321,29 @@ def build_case(case: int, seed: int, bases: dict, folder: Path) -> dict:
 
 
 # -- running one case -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _fd2_captured():
+    """What is written to file descriptor 2 inside, as [text] once the block ends: C libraries'
+    messages, and a logging handler that keeps the stderr of its import (nibabel's does; the
+    libraries are imported before any redirect, see run_case, so such a handler writes here)."""
+    written: list[str] = []
+    sys.__stderr__.flush()
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield written
+        finally:
+            sys.__stderr__.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            written.append(sink.read().decode("utf-8", "replace"))
+
+
 def run_case(case: int, seed: int, bases: dict, model: str, work: Path) -> dict:
     """Build and run one case in this process; classify what happened."""
+    import liverstage.runtime.io  # noqa: F401, PLC0415  (nibabel's log handler binds the real stderr, not a case's)
     from liverstage.runtime.cli import main  # noqa: PLC0415
 
     folder = work / f"case{case}"
@@ -339,14 +361,14 @@ def run_case(case: int, seed: int, bases: dict, model: str, work: Path) -> dict:
             "--strict", "--quiet"]
     stdout, stderr = io.StringIO(), io.StringIO()
     code, escaped = 0, None
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with _fd2_captured() as written_to_fd2, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             main(argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException as exc:  # noqa: BLE001  (an exception out of main() is what we look for)
             escaped = f"{type(exc).__name__}: {exc}"
-    err = stderr.getvalue()
+    err = stderr.getvalue() + written_to_fd2[0]
     left = sorted(p.name for p in out.iterdir())
     result = {"case": case, "target": spec["target"], "desc": spec["desc"], "truth": spec["truth"], "code": code,
               "stderr": " ".join(err.split())[:300]}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import math
 import os
 import struct
@@ -73,18 +74,43 @@ def _why(exc: BaseException) -> str:
     return text[:200]
 
 
+NIBABEL_LOGGER = "nibabel.global"  # where nibabel reports the header fields it repairs
+
+
+class _Collector(logging.Handler):
+    """Keeps the log records it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
 def captured_warnings(into: list[str] | None, name: str):
     """Python warnings raised inside (nibabel's about odd header fields, numpy's about overflow
-    while scaling) become lines in `into` (the file's warnings in the report) instead of text on
-    stderr, which must stay one line. While active it changes the process-wide warning filters, so
-    a warning another thread raises meanwhile may land here too."""
-    with pywarnings.catch_warnings(record=True) as caught:
-        pywarnings.simplefilter("always")
-        yield
+    while scaling) and nibabel's log messages (the header fields it repairs, e.g. "qform_code -1
+    not valid; setting to 0", which its own handler prints on stderr) become lines in `into` (the
+    file's warnings in the report) instead of text on stderr, which must stay one line. While
+    active it changes the process-wide warning filters and nibabel's logger, so a warning another
+    thread raises meanwhile may land here too."""
+    logger = logging.getLogger(NIBABEL_LOGGER)
+    saved_handlers, saved_propagate = logger.handlers[:], logger.propagate
+    collector = _Collector()
+    logger.handlers, logger.propagate = [collector], False
+    try:
+        with pywarnings.catch_warnings(record=True) as caught:
+            pywarnings.simplefilter("always")
+            yield
+    finally:
+        logger.handlers, logger.propagate = saved_handlers, saved_propagate
     if into is not None:
-        for w in caught:
-            line = f"{name}: {w.category.__name__}: {' '.join(str(w.message).split())[:200]}"
+        lines = [(w.category.__name__, str(w.message)) for w in caught]
+        lines += [("nibabel", r.getMessage()) for r in collector.records]
+        for source, text in lines:
+            line = f"{name}: {source}: {' '.join(text.split())[:200]}"
             if line not in into:
                 into.append(line)
 

@@ -26,7 +26,7 @@ def volume_bytes(**header) -> bytes:
     img.header.set_slope_inter(1.0, 0.0)
     raw = bytearray(img.to_bytes())
     offsets = {"datatype": (70, "h"), "bitpix": (72, "h"), "vox_offset": (108, "f"), "scl_slope": (112, "f"),
-               "scl_inter": (116, "f"), "magic": (344, "4s")}
+               "scl_inter": (116, "f"), "qform_code": (252, "h"), "sform_code": (254, "h"), "magic": (344, "4s")}
     for name, value in header.items():
         if name.startswith("pixdim") or name.startswith("dim") or name.startswith("srow"):
             field, index = name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")):])
@@ -225,3 +225,41 @@ def test_trailing_warning_reaches_the_report(tmp_path, tiny_model, run_cli):
     assert code == 0, err
     warnings = json.loads(report.read_text())["results"][0]["warnings"]
     assert any("64 byte(s) after the image data" in w for w in warnings)
+
+
+@pytest.mark.parametrize("field", ["qform_code", "sform_code"])
+def test_a_field_nibabel_repairs_is_a_report_warning_not_stderr(tmp_path, tiny_model, run_cli, field):
+    """nibabel logs "qform_code -1 not valid; setting to 0" through a handler of its own that
+    writes to stderr (found by the 10,000-case fuzz run); predict must put it in the report."""
+    import logging  # noqa: PLC0415
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger = logging.getLogger("nibabel.global")
+    watcher = Keep()
+    logger.addHandler(watcher)  # beside nibabel's stderr handler: sees what would reach stderr
+    try:
+        path = write(tmp_path, volume_bytes(**{field: -1}), "v.nii.gz")
+        report = tmp_path / "r.json"
+        code, _, err = run_cli(["predict", path, "--model", tiny_model, "--bbox", "2,2,0,18,16,6",
+                                "--report", report, "--quiet"])
+        assert code == 0 and err == "", err
+        assert watcher.messages == []
+        assert logger.handlers[-1] is watcher and logger.propagate  # put back as it was
+    finally:
+        logger.removeHandler(watcher)
+    warnings = json.loads(report.read_text())["results"][0]["warnings"]
+    assert f"v.nii.gz: nibabel: {field} -1 not valid; setting to 0" in warnings
+    # outside predict nibabel's own handler still has the message
+    logger.addHandler(watcher)
+    try:
+        nib.Nifti1Image.from_bytes(volume_bytes(**{field: -1}))
+    finally:
+        logger.removeHandler(watcher)
+    assert watcher.messages == [f"{field} -1 not valid; setting to 0"]

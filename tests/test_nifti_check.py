@@ -233,16 +233,8 @@ def test_a_field_nibabel_repairs_is_a_report_warning_not_stderr(tmp_path, tiny_m
     writes to stderr (found by the 10,000-case fuzz run); predict must put it in the report."""
     import logging  # noqa: PLC0415
 
-    class Keep(logging.Handler):
-        def __init__(self):
-            super().__init__()
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
-    logger = logging.getLogger("nibabel.global")
-    watcher = Keep()
+    logger = logging.getLogger(nifti_check.NIBABEL_LOGGER)
+    watcher = nifti_check._Collector()
     logger.addHandler(watcher)  # beside nibabel's stderr handler: sees what would reach stderr
     try:
         path = write(tmp_path, volume_bytes(**{field: -1}), "v.nii.gz")
@@ -250,7 +242,7 @@ def test_a_field_nibabel_repairs_is_a_report_warning_not_stderr(tmp_path, tiny_m
         code, _, err = run_cli(["predict", path, "--model", tiny_model, "--bbox", "2,2,0,18,16,6",
                                 "--report", report, "--quiet"])
         assert code == 0 and err == "", err
-        assert watcher.messages == []
+        assert watcher.records == []
         assert logger.handlers[-1] is watcher and logger.propagate  # put back as it was
     finally:
         logger.removeHandler(watcher)
@@ -262,4 +254,4 @@ def test_a_field_nibabel_repairs_is_a_report_warning_not_stderr(tmp_path, tiny_m
         nib.Nifti1Image.from_bytes(volume_bytes(**{field: -1}))
     finally:
         logger.removeHandler(watcher)
-    assert watcher.messages == [f"{field} -1 not valid; setting to 0"]
+    assert [r.getMessage() for r in watcher.records] == [f"{field} -1 not valid; setting to 0"]

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -93,19 +94,34 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, NORM_EPS)[:, None]
 
 
+@functools.lru_cache(maxsize=16)
+def layout_matrix(size: int, blocks: int = LAYOUT_BLOCKS) -> np.ndarray:
+    """P [blocks, size] such that P @ X @ P.T holds the means of `blocks` x `blocks` (nearly)
+    equal blocks of a [size, size] image X; its pixels are repeated first when size < blocks.
+
+    Why a matrix: block means are separable, and two small matrix products for the whole batch
+    take 4 us where numpy's reduceat over uneven blocks (a 224-px crop's 14-px level) took 40."""
+    positions = np.arange(size)
+    if size < blocks:
+        positions = np.repeat(positions, -(-blocks // size))
+    length = len(positions)
+    if length % blocks == 0:
+        starts = np.arange(0, length, length // blocks)
+    else:
+        starts = np.linspace(0, length, blocks + 1).round().astype(np.int64)[:-1]
+    stops = np.append(starts[1:], length)
+    matrix = np.zeros((blocks, size), dtype=np.float64)
+    for row, (start, stop) in enumerate(zip(starts, stops)):
+        np.add.at(matrix[row], positions[start:stop], 1.0 / (stop - start))
+    matrix = matrix.astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
+
+
 def _block_means(x: np.ndarray, blocks: int) -> np.ndarray:
-    """[N, S, S] -> [N, blocks, blocks] means over (nearly) equal blocks (pixels repeated when S < blocks)."""
-    if x.shape[1] < blocks:
-        reps = -(-blocks // x.shape[1])
-        x = np.repeat(np.repeat(x, reps, axis=1), reps, axis=2)
-    size = x.shape[1]
-    if size % blocks == 0:
-        step = size // blocks
-        return x.reshape(len(x), blocks, step, blocks, step).mean(axis=(2, 4))
-    edges = np.linspace(0, size, blocks + 1).round().astype(np.int64)[:-1]
-    sums = np.add.reduceat(np.add.reduceat(x, edges, axis=1), edges, axis=2)
-    counts = np.diff(np.append(edges, size))
-    return sums / (counts[:, None] * counts[None, :])
+    """[N, S, S] -> [N, blocks, blocks] means over (nearly) equal blocks (see `layout_matrix`)."""
+    rows = layout_matrix(x.shape[1], blocks)
+    return rows @ x @ rows.T
 
 
 def _pool2(x: np.ndarray) -> np.ndarray:
@@ -147,8 +163,22 @@ def _block_mean(x: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _roughness(y: np.ndarray) -> np.ndarray:
-    """Mean absolute difference of neighbouring pixels, both axes, per image of [N, H, W]."""
-    return np.abs(y[:, 1:] - y[:, :-1]).mean(axis=(1, 2)) + np.abs(y[:, :, 1:] - y[:, :, :-1]).mean(axis=(1, 2))
+    """Mean absolute difference of neighbouring pixels, both axes, per image of [N, H, W]
+    (each difference array made once, its absolute value taken in place, and summed as one
+    contiguous row per image: 1.6x numpy's mean over two axes of a strided view)."""
+    n, h, w = y.shape
+    total = np.zeros(n, dtype=np.float32)
+    for diff in (np.subtract(y[:, 1:], y[:, :-1]), np.subtract(y[:, :, 1:], y[:, :, :-1])):
+        np.abs(diff, out=diff)
+        total += diff.reshape(n, -1).sum(axis=1) * np.float32(1.0 / max(diff[0].size, 1))
+    return total
+
+
+def _spread(x: np.ndarray) -> np.ndarray:
+    """Per-image population standard deviation of [N, H, W] (float32; two passes, as x.std)."""
+    flat = x.reshape(len(x), -1)
+    centred = flat - (flat.sum(axis=1) * np.float32(1.0 / flat.shape[1]))[:, None]
+    return np.sqrt(np.einsum("ij,ij->i", centred, centred) * np.float32(1.0 / flat.shape[1]))
 
 
 def image_descriptor(images: np.ndarray, *, clip_low: float, clip_high: float) -> np.ndarray:
@@ -164,7 +194,7 @@ def image_descriptor(images: np.ndarray, *, clip_low: float, clip_high: float) -
     x = np.asarray(images, dtype=np.float32).reshape(len(images), images.shape[-2], images.shape[-1])
     x = _block_mean(x, descriptor_factor(min(x.shape[1:])))
     n = x.shape[0]
-    spread = np.maximum(x.std(axis=(1, 2)), 1e-6)
+    spread = np.maximum(_spread(x), np.float32(1e-6))
     levels = [x]
     for _ in TEXTURE_SCALES[1:]:
         levels.append(_pool2(levels[-1]) if min(levels[-1].shape[1:]) >= 4 else levels[-1])

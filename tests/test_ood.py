@@ -73,6 +73,26 @@ def test_large_crops_are_described_as_their_block_means():
         assert _pool2(x).tobytes() == _block_mean(x, 2).tobytes()
 
 
+def test_descriptor_parts_are_the_plain_computations():
+    """The layout matrix, roughness and spread are faster forms of plain numpy: the layout's
+    blocks are those of np.linspace edges (pixels repeated for images under 8 px), roughness is
+    the mean |np.diff| along both axes, spread is np.std."""
+    from liverstage.runtime.ood import _block_means, _roughness, _spread
+
+    rng = np.random.default_rng(5)
+    for size in (1, 3, 5, 8, 13, 14, 16, 28, 56):
+        x = rng.uniform(-0.5, 1.5, (3, size, size)).astype(np.float32)
+        big = x if size >= 8 else np.repeat(np.repeat(x, -(-8 // size), axis=1), -(-8 // size), axis=2)
+        edges = np.linspace(0, big.shape[1], 9).round().astype(int)
+        plain = np.array([[[big[n, edges[i]:edges[i + 1], edges[j]:edges[j + 1]].mean(dtype=np.float64)
+                            for j in range(8)] for i in range(8)] for n in range(3)])
+        np.testing.assert_allclose(_block_means(x, 8), plain, atol=1e-6)
+        np.testing.assert_allclose(_spread(x), x.std(axis=(1, 2), dtype=np.float64), rtol=1e-5, atol=1e-7)
+        if size > 1:
+            rough = np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(x, axis=2)).mean(axis=(1, 2))
+            np.testing.assert_allclose(_roughness(x), rough, rtol=1e-5)
+
+
 def test_the_volume_median_is_numpys():
     from liverstage.runtime.ood import _median
 

@@ -454,8 +454,10 @@ def test_three_associations_twenty_series_each_staged_once_memory_flat(tmp_path,
     # take that allocator effect out, so what is left to grow would be a real leak.
     # A quiet period well above QUIET: with three associations and staging sharing two cores (and
     # one GIL), an association can stall for more than 0.4 s between two instances, and a series
-    # whose instance arrives after its quiet period is, correctly, staged again (runs == 2).
-    server = start(tiny_model, work, tmp_path, "--quiet-seconds", "2", env={"MALLOC_ARENA_MAX": "2"})
+    # whose instance arrives after its quiet period is, correctly, staged again (runs == 2). 3 s,
+    # not 2: the whole suite run with the two cores also loaded by three busy loops failed here
+    # once (in 1 of 2 such runs; it passed in 6 runs outside the whole suite; cause not known).
+    server = start(tiny_model, work, tmp_path, "--quiet-seconds", "3", env={"MALLOC_ARENA_MAX": "2"})
     try:
         queue = JobQueue(work)
         for k in range(3):  # warm-up: the first series load the model, matplotlib, highdicom, malloc arenas
@@ -482,14 +484,15 @@ def test_three_associations_twenty_series_each_staged_once_memory_flat(tmp_path,
                 t.start()
             for t in threads:
                 t.join(TIMEOUT)
-            assert not any(t.is_alive() for t in threads) and failures == []
+            assert not any(t.is_alive() for t in threads), "a sender did not finish"
+            assert failures == [], f"C-STORE failures: {failures}"
             sizes = {str(s[0].SeriesInstanceUID): len(s) for b in batches for s in b}
             assert len(sizes) == n_series
-            wait_for(lambda: all(final(queue, u) for u in sizes), f"all {n_series} series", timeout=60)
+            wait_for(lambda: all(final(queue, u) for u in sizes), f"all {n_series} series", timeout=120)
             for u in sizes:
                 row = job(queue, u)
-                assert row["state"] == "done" and row["instances"] == sizes[u] and row["runs"] == 1
-                assert terminal_events(queue, u) == ["done"]
+                assert (row["state"], row["instances"], row["runs"]) == ("done", sizes[u], 1), f"{u}: {row}"
+                assert terminal_events(queue, u) == ["done"], f"{u}: {queue.events(u)}"
             return sizes
 
         three_senders(20)

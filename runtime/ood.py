@@ -165,7 +165,8 @@ def _block_mean(x: np.ndarray, factor: int) -> np.ndarray:
 def _roughness(y: np.ndarray) -> np.ndarray:
     """Mean absolute difference of neighbouring pixels, both axes, per image of [N, H, W]
     (each difference array made once, its absolute value taken in place, and summed as one
-    contiguous row per image: 1.6x numpy's mean over two axes of a strided view)."""
+    contiguous row per image: 1.1x numpy's mean over two axes of a strided view at 56 px, 1.6x
+    at 64 px)."""
     n, h, w = y.shape
     total = np.zeros(n, dtype=np.float32)
     for diff in (np.subtract(y[:, 1:], y[:, :-1]), np.subtract(y[:, :, 1:], y[:, :, :-1])):

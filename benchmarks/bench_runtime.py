@@ -6,6 +6,8 @@
 2. ONNX Runtime int8 (static QDQ) vs PyTorch eager fp32, same               target >= 5x
 3. predict end to end on a 40-slice phantom vs model-only time of its crops target <= 1.25x (ONNX
    Runtime fp32); with OpenVINO also for the fastest backend, OpenVINO int8  target <= 1.35x
+   and, for comparison, a series of 8 such phantoms in one predict run (the next volume is
+   read while the model runs) and one per run, against model-only time of all their crops
 4. peak memory (ru_maxrss of a child `liverstage predict`) on 512x512x200   target <= 2 GB
 5. OpenVINO (needs the openvino extra), same model and batch:
    openvino-bf16 vs ONNX Runtime fp32                                       target >= 1.8x
@@ -220,6 +222,68 @@ def end_to_end_figure(figures: dict, args, folder: Path, fp32: Path) -> None:
         figures["end_to_end" if backend_name == "onnx" else f"end_to_end_{backend_name}_{precision}"] = e2e
         print(f"  {backend.name} {backend.precision}, {e2e['crops']} crops: end to end {e2e['end_to_end_s']:.3f} s, "
               f"model only {e2e['model_only_s']:.3f} s: ratio {e2e['ratio']:.3f}   (target <= {target})")
+    series, mask_dir = series_phantoms(folder, SERIES_VOLUMES)
+    print(f"  a series: {len(series)} such phantoms in one predict run (it reads the next volume while the model "
+          "runs this one), against model-only time of all their crops; for comparison, not a target", flush=True)
+    for backend_name, precision, _ in runs:
+        backend = choose_backend(fp32, backend=backend_name, precision=precision, device="cpu", threads=args.threads)
+        fig = series_end_to_end(backend, series, mask_dir, repeats=max(3, min(args.iters, 7)))
+        figures[f"series_end_to_end_{backend_name}_{precision}"] = fig
+        print(f"  {backend.name} {backend.precision}, {fig['crops']} crops: one run {fig['end_to_end_s']:.3f} s, "
+              f"one volume per run {fig['one_per_run_s']:.3f} s, model only {fig['model_only_s']:.3f} s: "
+              f"ratios {fig['ratio']:.3f} and {fig['one_per_run_ratio']:.3f}")
+
+
+SERIES_VOLUMES = 8
+
+
+def series_phantoms(folder: Path, count: int) -> tuple[list[Path], Path]:
+    """`count` different 40-slice phantoms, their masks in masks/ under the volume's name (--mask-dir)."""
+    series, mask_dir = folder / "series", folder / "series" / "masks"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    volumes = []
+    for index in range(count):
+        vol = series / f"phantom{index}.nii.gz"
+        if not vol.is_file():
+            made, mask = make_phantom(series, f"phantom{index}", in_plane=224, slices=40, index=index)
+            mask.replace(mask_dir / made.name)
+        volumes.append(vol)
+    return volumes, mask_dir
+
+
+def series_end_to_end(backend, volumes: list[Path], mask_dir: Path, *, repeats: int, batch_size: int = 16) -> dict:
+    """Medians of: predict over all `volumes` in one run, predict one volume per run, and the
+    model alone on all their crops; interleaved, one of each per repeat (same machine load)."""
+    from liverstage.runtime.bench import percentiles, time_calls
+    from liverstage.runtime.predict import Predictor
+
+    predictor = Predictor(backend, batch_size=batch_size, mask_dir=mask_dir)
+    images = [predictor.prepare(v).images for v in volumes]
+
+    def model_only() -> None:
+        for crops in images:
+            for start in range(0, len(crops), batch_size):
+                backend.run(crops[start:start + batch_size])
+
+    def one_run() -> None:
+        run = predictor.run(volumes)
+        if run.errors:
+            raise SystemExit(f"series: {run.errors[0][0]}: {run.errors[0][1]}")
+
+    def one_per_run() -> None:
+        for vol in volumes:
+            predictor.run([vol])
+
+    one_run(), one_per_run(), model_only()
+    times: dict[str, list[float]] = {"run": [], "each": [], "model": []}
+    for _ in range(repeats):
+        times["run"] += time_calls(one_run, warmup=0, iters=1)
+        times["each"] += time_calls(one_per_run, warmup=0, iters=1)
+        times["model"] += time_calls(model_only, warmup=0, iters=1)
+    run_s, each_s, model_s = (percentiles(times[k])["p50"] for k in ("run", "each", "model"))
+    return {"volumes": len(volumes), "crops": int(sum(len(c) for c in images)), "repeats": repeats,
+            "end_to_end_s": run_s, "one_per_run_s": each_s, "model_only_s": model_s,
+            "ratio": run_s / model_s, "one_per_run_ratio": each_s / model_s}
 
 
 def openvino_figure(figures: dict, args, fp32: Path, int8: Path) -> None:

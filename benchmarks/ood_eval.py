@@ -56,6 +56,15 @@ def write_case(case, folder: Path) -> tuple[Path, Path]:
     return vol, mask
 
 
+def open_gated(model: Path):
+    """The model's CPU backend, or None (and one line on stderr) for a model without a gate."""
+    backend = open_backend(model, device="cpu")
+    if backend.metadata.ood is None:
+        print(f"{model} carries no out-of-distribution gate: every result would be uncertain", file=sys.stderr)
+        return None
+    return backend
+
+
 def stage_all(backend, pairs: list[tuple[Path, Path]]) -> list[dict]:
     """predict each (volume, mask): one row per volume with its outcome."""
     rows = []
@@ -157,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    backend = open_backend(args.model, device="cpu")
-    if backend.metadata.ood is None:
-        print(f"{args.model} carries no out-of-distribution gate: every result would be uncertain", file=sys.stderr)
+    backend = open_gated(args.model)
+    if backend is None:
         return 2
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     result: dict = {"model": str(args.model), "note": "synthetic phantoms and public test files, not patients"}

@@ -1,0 +1,72 @@
+"""benchmarks/ood_heldout.py: the held-out kinds are built as documented and staged from files.
+
+On the tiny gated model (conftest.py) only the plumbing and the plainest kinds are asserted;
+the figures that count come from the demo's models (README: the held-out check).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import ood_heldout  # noqa: PLC0415
+
+        yield ood_heldout
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_cases_are_the_documented_kinds_and_not_the_tuning_kinds(heldout):
+    from liverstage.export.ood_sets import KINDS  # noqa: PLC0415
+
+    cases, note = heldout.heldout_cases(2)
+    kinds = {c.kind for c in cases}
+    expected = set(heldout.COUNTED + heldout.APART) - ({"photo", "terrain"} if note else set())
+    assert kinds == expected
+    assert not kinds & set(KINDS)  # held out: none of them is a kind the gate was chosen or measured on
+    for case in cases:
+        assert case.data.ndim == 3 and case.data.shape == case.region.shape, case.name
+        assert np.isfinite(case.data).all() and case.region.any(), case.name
+    per_kind = {k: sum(c.kind == k for c in cases) for k in kinds}
+    assert all(per_kind[k] == 2 for k in kinds if k not in ("photo", "terrain"))
+    air = next(c for c in cases if c.kind == "mask_in_air")
+    liver = next(c for c in cases if c.kind == "heavy_noise").region
+    assert not (air.region & liver).any()  # the region really is off the liver
+    shuffled = next(c for c in cases if c.kind == "shuffled_liver")
+    rotated = next(c for c in cases if c.kind == "rot90")
+    assert shuffled.data.shape == rotated.data.shape[1::-1] + rotated.data.shape[2:]
+    with pytest.raises(ValueError, match="positive integer"):
+        heldout.heldout_cases(0)
+
+
+def test_runs_through_predict_and_flags_noise(heldout, gated_model, tmp_path, capsys):
+    out = tmp_path / "heldout.json"
+    assert heldout.main(["--model", str(gated_model), "--per-kind", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert set(figures["kinds"]) >= set(heldout.COUNTED[:7]) | set(heldout.APART)
+    for kind, summary in figures["kinds"].items():
+        assert summary["volumes"] == summary["staged"] + summary["uncertain"] + summary["refused"], kind
+        assert f"  {kind} " in printed
+    noise = figures["kinds"]["uniform_noise"]
+    assert noise["uncertain"] + noise["refused"] == noise["volumes"] == 1
+    counted = [figures["kinds"][k] for k in heldout.COUNTED if k in figures["kinds"]]
+    caught = sum(s["uncertain"] + s["refused"] for s in counted)
+    assert figures["detection"] == pytest.approx(caught / sum(s["volumes"] for s in counted))
+    assert f"flagged or refused: {caught} of " in printed
+
+
+def test_a_model_without_gate_is_refused(heldout, tiny_model, capsys):
+    assert heldout.main(["--model", str(tiny_model), "--per-kind", "1"]) == 2
+    assert "carries no out-of-distribution gate" in capsys.readouterr().err

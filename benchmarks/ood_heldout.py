@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
     start, backend = time.perf_counter(), open_gated(args.model)
-    cases, note = heldout_cases(args.per_kind)
     if backend is None:
         return 2
+    cases, note = heldout_cases(args.per_kind)
     by_kind: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="liverstage-ood-heldout-") as tmp:
         for case in cases:

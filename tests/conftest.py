@@ -53,6 +53,23 @@ def run_cli(capsys):
     return run
 
 
+@pytest.fixture(scope="module")
+def benchmark_module():
+    """Import a benchmarks/ script by its module name, with benchmarks/ on sys.path for the test
+    module: the scripts import each other (ood_heldout -> ood_eval) and fuzz_inputs' spawned
+    workers import it by that name."""
+    import importlib  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(folder)
+
+
 # --- runtime (predict/bench) tests: a tiny liverstage-shaped ONNX model built without torch ------
 def _load_helper(filename: str):
     """A tests/_*.py helper by path (pytest runs with --import-mode=importlib: tests/ is not on sys.path)."""

@@ -9,25 +9,16 @@ output. The lead's full run: `python benchmarks/fuzz_inputs.py --cases 10000` (R
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("pydicom")
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def fuzz():
+def fuzz(benchmark_module):
     """benchmarks/fuzz_inputs.py as the module `fuzz_inputs` (spawned workers import it by that name)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import fuzz_inputs  # noqa: PLC0415
-
-        yield fuzz_inputs
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("fuzz_inputs")
 
 
 @pytest.mark.slow

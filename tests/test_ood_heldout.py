@@ -7,24 +7,14 @@ the figures that count come from the demo's models (README: the held-out check).
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def heldout():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import ood_heldout  # noqa: PLC0415
-
-        yield ood_heldout
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def heldout(benchmark_module):
+    return benchmark_module("ood_heldout")
 
 
 def test_cases_are_the_documented_kinds_and_not_the_tuning_kinds(heldout):

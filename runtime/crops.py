@@ -12,7 +12,8 @@ triangle filter widened when shrinking (anti-aliased, like PIL's BILINEAR resize
 
 Bit-identical for the same anatomy in any stored axis order/flip: everything depends only on
 the canonical array, sums run in a fixed order of elementwise numpy operations (no BLAS, whose
-blocking could reorder them), and the arrays are C-contiguous copies.
+blocking could reorder them), and the canonical arrays always have one memory layout (Fortran
+order, io._canonical), whatever the file's.
 
 Crop images are shown as radiologists look at axial slices: rows run anterior (top) to
 posterior, columns from the patient's right (left of the picture) to the patient's left.
@@ -188,12 +189,14 @@ def make_crops(volume: Volume, region: np.ndarray, spec: PreprocessSpec) -> Crop
     region = np.asarray(region)
     if region.shape != volume.data.shape:
         raise InputError(f"liver region has shape {region.shape} but the volume {volume.source} has {volume.data.shape}")
-    region = np.ascontiguousarray(region, dtype=bool)
+    region = np.asfortranarray(region, dtype=bool)  # the volume's layout (io._canonical): slices contiguous
     n_region = int(np.count_nonzero(region))
     if n_region == 0:
         raise InputError(f"the liver region of {volume.source} is empty")
     data = volume.data
-    inside = data[region]
+    # The region's voxels in memory order (both Fortran-ordered): the count and the percentiles
+    # below do not depend on the order, and a C-order walk over these arrays took twice as long.
+    inside = data.ravel(order="K")[region.ravel(order="K")] if data.flags.f_contiguous else data[region]
     bad = int(np.count_nonzero(~np.isfinite(inside)))
     if bad:
         raise InputError(f"{bad} non-finite voxel(s) (NaN/inf) inside the liver region of {volume.source}")
@@ -204,7 +207,7 @@ def make_crops(volume: Volume, region: np.ndarray, spec: PreprocessSpec) -> Crop
             f"{spec.percentile_low:g} and {spec.percentile_high:g} percentiles; cannot normalise"
         )
     x_any, y_any = region.any(axis=1), region.any(axis=0)  # the region's in-plane extent per slice, in one pass each
-    areas = np.add.reduce(region.view(np.uint8).reshape(-1, region.shape[2]), axis=0, dtype=np.uint32).astype(np.int64)
+    areas = np.add.reduce(region.reshape(-1, region.shape[2], order="F").view(np.uint8), axis=0, dtype=np.uint32).astype(np.int64)
     keep = np.nonzero((areas > 0) & (areas >= spec.min_area_fraction * float(areas.max())))[0]
     fill_raw = lo + spec.clip_low * (hi - lo)
     fill = float(_normalise(np.array([fill_raw]), lo, hi, spec)[0])  # what the box's outside normalises to (~clip_low)

@@ -46,7 +46,7 @@ def test_anatomical_big_endian_loads_canonical():
     assert img.get_data_dtype().byteorder == ">"  # the point of this file: big-endian int16
     vol = load_volume(path)
     expected = nib.as_closest_canonical(img)
-    assert vol.data.dtype == np.float32 and vol.data.flags.c_contiguous
+    assert vol.data.dtype == np.float32 and vol.data.flags.f_contiguous  # axial slices contiguous (io._canonical)
     assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
     np.testing.assert_array_equal(vol.data, expected.get_fdata().astype(np.float32))
     np.testing.assert_allclose(vol.affine, expected.affine)

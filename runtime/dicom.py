@@ -183,14 +183,17 @@ def _check_codestream_ends(ds, uid, frames: int) -> None:
 
 
 def _to_nibabel_grid(volume, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """highdicom's [slice, row, column] + LPS affine -> [column, row, slice] (along +normal) + RAS affine."""
+    """highdicom's [slice, row, column] + LPS affine -> [column, row, slice] (along +normal) + RAS affine.
+
+    Fortran-ordered, as the canonical array (io._canonical): the transpose of highdicom's
+    C-ordered array already is, so an axial series is not copied."""
     data = np.asarray(volume.array).transpose(2, 1, 0)
     lps = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
     if float(lps[:3, 2] @ normal) < 0:
         data = data[:, :, ::-1]
         lps[:3, 3] += lps[:3, 2] * (data.shape[2] - 1)
         lps[:3, 2] *= -1
-    return np.ascontiguousarray(data), _LPS_TO_RAS @ lps
+    return np.asfortranarray(data), _LPS_TO_RAS @ lps
 
 
 def _highdicom_volume(highdicom, datasets, multi):

@@ -188,7 +188,10 @@ def region_auto(volume: Volume) -> np.ndarray:
     returns a region for cropping, not a segmentation: look at the crops (`liverstage crops`)
     and give a mask or a box when it is wrong.
     """
-    data = volume.data
+    # C order for the block means below (a view reshape, sums in the order they always had): the
+    # canonical array is Fortran-ordered (io._canonical), and copying it strided into the padded
+    # grid took 14 ms longer than this one copy on a 224 x 224 x 40 volume.
+    data = np.ascontiguousarray(volume.data)
     X, Y, Z = data.shape
     step = max(1, int(round(max(X, Y) / 64)))
     sx, sy = -(-X // step), -(-Y // step)

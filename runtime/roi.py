@@ -190,7 +190,7 @@ def region_auto(volume: Volume) -> np.ndarray:
     """
     # C order for the block means below (a view reshape, sums in the order they always had): the
     # canonical array is Fortran-ordered (io._canonical), and copying it strided into the padded
-    # grid took 14 ms longer than this one copy on a 224 x 224 x 40 volume.
+    # grid made this function 61 ms instead of 50-54 ms with this one copy (224 x 224 x 40).
     data = np.ascontiguousarray(volume.data)
     X, Y, Z = data.shape
     step = max(1, int(round(max(X, Y) / 64)))

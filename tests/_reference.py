@@ -32,14 +32,27 @@ TRAIN_ARGV = ["--backbone", "resnet18", "--loss", "amcl", "--epochs", "8", "--wa
 TIMING_COLUMNS = ("seconds", "crops_per_second")
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor (/proc/cpuinfo `vendor_id`), or 'unknown'. Training's float32 kernels
+    (MKL, oneDNN) take other code paths on AMD than on Intel CPUs: the same torch gave other
+    metrics on an AMD EPYC than the reference made on an Intel Xeon."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def versions() -> dict[str, str]:
-    """The libraries whose numerics the figures depend on: phantoms (numpy, nibabel, zlib), training (torch)."""
+    """What the figures' numerics depend on: phantoms (numpy, nibabel, zlib), training (torch, the CPU's vendor)."""
     import nibabel  # noqa: PLC0415
     import numpy  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
     return {"numpy": numpy.__version__, "nibabel": nibabel.__version__, "zlib": zlib.ZLIB_RUNTIME_VERSION,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "cpu": cpu_vendor()}
 
 
 def _cli(argv: list[str]) -> None:

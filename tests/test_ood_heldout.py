@@ -40,6 +40,32 @@ def test_cases_are_the_documented_kinds_and_not_the_tuning_kinds(heldout):
         heldout.heldout_cases(0)
 
 
+def test_second_set_is_new_kinds_with_its_own_seed(heldout):
+    from liverstage.export.ood_sets import KINDS  # noqa: PLC0415
+
+    cases, note = heldout.second_set_cases(2)
+    kinds = {c.kind for c in cases}
+    image_kinds = {"photo_sklearn", "package_photo", "brain_slice", "bathymetry"}
+    assert kinds == set(heldout.SECOND_COUNTED + heldout.SECOND_APART) - (image_kinds if note else set())
+    assert not kinds & (set(KINDS) | set(heldout.COUNTED) | set(heldout.APART))
+    for case in cases:
+        assert case.data.ndim == 3 and case.data.shape == case.region.shape, case.name
+        assert np.isfinite(case.data).all() and case.region.any(), case.name
+    # the synthetic kinds are new draws per index, not one volume repeated
+    pink = [c.data for c in cases if c.kind == "pink_noise"]
+    assert len(pink) == 2 and not np.allclose(pink[0], pink[1])
+    # mirrored: the phantom flipped along the canonical x axis, region and image together
+    mirrored = next(c for c in cases if c.kind == "mirrored")
+    assert mirrored.region.any() and not np.array_equal(mirrored.region, mirrored.region[::-1])
+    if not note:
+        brain = next(c for c in cases if c.kind == "brain_slice")
+        # read big-endian, the slice is an image: neighbouring pixels close, unlike byte-swapped noise
+        step = np.abs(np.diff(brain.data[..., 0], axis=0)).mean()
+        assert step < 0.05 * brain.data.max(), step
+    with pytest.raises(ValueError, match="positive integer"):
+        heldout.second_set_cases(0)
+
+
 def test_runs_through_predict_and_flags_noise(heldout, gated_model, tmp_path, capsys):
     out = tmp_path / "heldout.json"
     assert heldout.main(["--model", str(gated_model), "--per-kind", "1", "--json", str(out)]) == 0
@@ -51,10 +77,16 @@ def test_runs_through_predict_and_flags_noise(heldout, gated_model, tmp_path, ca
         assert f"  {kind} " in printed
     noise = figures["kinds"]["uniform_noise"]
     assert noise["uncertain"] + noise["refused"] == noise["volumes"] == 1
-    counted = [figures["kinds"][k] for k in heldout.COUNTED if k in figures["kinds"]]
-    caught = sum(s["uncertain"] + s["refused"] for s in counted)
-    assert figures["detection"] == pytest.approx(caught / sum(s["volumes"] for s in counted))
-    assert f"flagged or refused: {caught} of " in printed
+    for set_name, (counted_kinds, _) in heldout.SETS.items():
+        counted = [figures["kinds"][k] for k in counted_kinds if k in figures["kinds"]]
+        caught = sum(s["uncertain"] + s["refused"] for s in counted)
+        assert figures["sets"][set_name]["caught"] == caught, set_name
+        assert figures["sets"][set_name]["volumes"] == sum(s["volumes"] for s in counted), set_name
+        assert f"{set_name} set's not-liver volumes flagged or refused: {caught} of " in printed
+    both = figures["sets"]["first"]["caught"] + figures["sets"]["second"]["caught"]
+    volumes = figures["sets"]["first"]["volumes"] + figures["sets"]["second"]["volumes"]
+    assert figures["detection"] == pytest.approx(both / volumes)
+    assert f"both sets: {both} of {volumes} " in printed
 
 
 def test_a_model_without_gate_is_refused(heldout, tiny_model, capsys):

@@ -109,7 +109,7 @@ def sweep(model: Path, checkpoint: Path, cases, fresh_pairs, select: set[str], *
     session = parity.ort_session(str(model))
 
     def embed(images):
-        return parity.run_session(session, images)["embedding"]
+        return parity.run_session(session, images)
 
     crops = data.export_crops(ckpt, spec)
     bank, held, _ = ood_fit.gate_crops(crops, ckpt, spec)
@@ -132,7 +132,8 @@ def sweep(model: Path, checkpoint: Path, cases, fresh_pairs, select: set[str], *
     out = []
     for k in ks:
         for rate in rates:
-            config = ood_fit.build_gate(bank_emb, bank.images, held_emb, held.images, clip_low=spec.clip_low,
+            config = ood_fit.build_gate(bank_emb, bank.images, held_emb, held.images, bank_patients=bank.patients,
+                                        held_patients=held.patients, clip_low=spec.clip_low,
                                         clip_high=spec.clip_high, false_alarm_rate=rate, k=k)
             gate = OodGate(config, clip_low=spec.clip_low, clip_high=spec.clip_high)
             fresh_scores = [gate.judge(gate.scores(e, i)).score for i, e in fresh]

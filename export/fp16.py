@@ -1,4 +1,4 @@
-"""Float32 ONNX -> FP16 ONNX with float32 inputs/outputs and one float32 head.
+"""Float32 ONNX -> FP16 ONNX with float32 inputs/outputs and a float32 head and statistics.
 
 A 2048-d ReLU feature's sum of squares overflows FP16 (max 65504) and F.normalize's eps rounds to
 zero in FP16, so everything downstream of the raw `feature` tensor (L2 normalisation, cosine
@@ -11,7 +11,10 @@ onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True), s
 float32 image and returns a float32 feature; the original float32 head nodes and initializers
 are then appended unchanged. (Blocking the head nodes in the converter instead is not enough: it
 rounds every blocked node's *output* back to FP16 between nodes, so the sum of squares still
-overflows. onnxconverter-common's converter gave a model onnxruntime refused here.)
+overflows. onnxconverter-common's converter gave a model onnxruntime refused here.) The
+early-stage statistics (`early_stats`: per-channel sums of squares too) are kept float32 the
+same way: they are part of the island (onnx_export.float32_island), entered through the
+`early` tensor.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .graph import FEATURE_TENSOR
-from .onnx_export import downstream_nodes, ensure_node_names
+from .graph import EARLY_TENSOR, FEATURE_TENSOR
+from .onnx_export import ensure_node_names, float32_island
 
 HEAD_SUFFIX = "__fp32"
 
@@ -57,20 +60,20 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(model.SerializeToString())  # keep the caller's copy intact
     ensure_node_names(model)
     graph = model.graph
-    head_names = set(downstream_nodes(model, FEATURE_TENSOR))
-    if not head_names:
-        raise ValueError(f"no nodes consume the {FEATURE_TENSOR!r} tensor; cannot locate the head")
+    head_names = set(float32_island(model))
     backbone_nodes = [n for n in graph.node if n.name not in head_names]
     head_nodes = [n for n in graph.node if n.name in head_names]
-    if FEATURE_TENSOR not in {out for n in backbone_nodes for out in n.output}:
-        raise ValueError(f"the {FEATURE_TENSOR!r} tensor is not produced by the backbone")
+    produced = {out for n in backbone_nodes for out in n.output}
+    if FEATURE_TENSOR not in produced or EARLY_TENSOR not in produced:
+        raise ValueError(f"the {FEATURE_TENSOR!r} and {EARLY_TENSOR!r} tensors are not produced by the backbone")
+    crossing = [name for name in dict.fromkeys(i for n in head_nodes for i in n.input) if name in produced]
 
-    # 1. the backbone alone: image (float32) -> feature (float32), converted to FP16 inside.
+    # 1. the backbone alone: image (float32) -> feature, early (float32), converted to FP16 inside.
     backbone_used = _used_names(backbone_nodes)
     backbone = helper.make_model(
         helper.make_graph(
             backbone_nodes, "backbone", list(graph.input),
-            [helper.make_tensor_value_info(FEATURE_TENSOR, TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in crossing],
             initializer=[t for t in graph.initializer if t.name in backbone_used],
         ),
         opset_imports=list(model.opset_import), ir_version=model.ir_version,
@@ -101,7 +104,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.node.extend(topological_order(list(backbone16.graph.node) + head_nodes, known))
     del out.graph.value_info[:]
     head_values = {o for n in head_nodes for o in n.output}
-    out.graph.value_info.extend([v for v in backbone16.graph.value_info if v.name != FEATURE_TENSOR])
+    out.graph.value_info.extend([v for v in backbone16.graph.value_info if v.name not in crossing])
     out.graph.value_info.extend([v for v in graph.value_info if v.name in head_values])
     onnx.checker.check_model(out)
     return out

@@ -5,10 +5,14 @@ model answers with the cosine between the crop's L2-normalised embedding and eac
 L2-normalised weight row, i.e. cos(theta) computed as a matmul. There is no acos and no margin in
 this graph (acos has an infinite gradient at +-1 and is not needed to rank stages).
 
-Outputs (in this order): `cosine` [N, C], `probs` [N, C], `embedding` [N, D] (normalised) and,
-only while exporting, `feature` [N, D]: the raw pooled backbone feature. The exporter uses the
-`feature` tensor to find the head (every node downstream of it), keeps that head in float32 in
-FP16 and INT8 models, and then drops `feature` from the graph outputs.
+Outputs (in this order): `cosine` [N, C], `probs` [N, C], `embedding` [N, D] (normalised),
+`early_stats` [N, 2E]: the mean and standard deviation over the image of each of the E channels
+of the backbone's early stage (train/backbones.py `early_stage`; the out-of-distribution gate's
+third detector, runtime/ood.py) and, only while exporting, `feature` [N, D]: the raw pooled
+backbone feature, and `early` [N, E, H, W]: the early stage's activation. The exporter uses
+the `feature` tensor to find the head (every node downstream of it) and `early` to find the
+statistics (every node downstream of it that the feature does not need), keeps both in float32
+in FP16 and INT8 models, and then drops `feature` and `early` from the graph outputs.
 """
 
 from __future__ import annotations
@@ -17,9 +21,20 @@ import torch
 import torch.nn as nn
 
 FEATURE_TENSOR = "feature"
-GRAPH_OUTPUTS = ("cosine", "probs", "embedding")
+EARLY_TENSOR = "early"
+GRAPH_OUTPUTS = ("cosine", "probs", "embedding", "early_stats")
+EXPORT_ONLY = (FEATURE_TENSOR, EARLY_TENSOR)
 # Below this a feature norm is treated as zero (an all-zero ReLU feature); float32 only.
 NORM_EPS = 1e-12
+
+
+def channel_stats(x: torch.Tensor) -> torch.Tensor:
+    """[N, E, H, W] -> [N, 2E]: each channel's mean and population standard deviation over the
+    image, the deviation from the centred values (two passes: no cancellation in bf16/fp16)."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    centred = x - mean
+    std = torch.sqrt((centred * centred).mean(dim=(2, 3)))
+    return torch.cat([mean.flatten(1), std], dim=1)
 
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +64,14 @@ class InferenceGraph(nn.Module):
         self.temperature = float(temperature)
         self.probs_source = probs_source
         self.with_feature = with_feature
+        from liverstage.train.backbones import early_stage  # noqa: PLC0415
+
+        trunk_model = net.trunk.model
+        self.early_stage, channels = early_stage(trunk_model)
+        self.early_stats_dim = 2 * channels
+        self._early: list[torch.Tensor] = []
+        trunk_model.get_submodule(self.early_stage).register_forward_hook(
+            lambda _module, _inputs, output: self._early.append(output))
         weight = net.head.weight.detach().to(torch.float32)
         # Normalised once here, so the graph holds a constant [D, C] matrix and no weight norm.
         self.register_buffer("class_weight_t", l2_normalise(weight).t().contiguous())
@@ -61,7 +84,10 @@ class InferenceGraph(nn.Module):
             self.register_buffer("linear_bias", bias.detach().to(torch.float32).clone())
 
     def forward(self, image: torch.Tensor):
+        self._early.clear()
         feature = self.net(image)
+        early = self._early[-1]
+        self._early.clear()
         embedding = l2_normalise(feature)
         cosine = embedding @ self.class_weight_t
         if self.probs_source == "cosine":
@@ -69,9 +95,10 @@ class InferenceGraph(nn.Module):
         else:
             logits = (feature @ self.linear_weight_t + self.linear_bias) / self.temperature
         probs = torch.softmax(logits, dim=1)
+        stats = channel_stats(early)
         if self.with_feature:
-            return cosine, probs, embedding, feature
-        return cosine, probs, embedding
+            return cosine, probs, embedding, stats, feature, early
+        return cosine, probs, embedding, stats
 
 
 def probs_source_for(loss: str) -> str:
@@ -85,10 +112,10 @@ def torch_reference(graph: InferenceGraph, images, *, batch_size: int = 64) -> d
     import numpy as np  # noqa: PLC0415
 
     graph.eval()
-    parts: dict[str, list] = {name: [] for name in (*GRAPH_OUTPUTS, FEATURE_TENSOR)}
+    parts: dict[str, list] = {name: [] for name in (*GRAPH_OUTPUTS, *EXPORT_ONLY)}
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32))
         outputs = graph(batch)
-        for name, value in zip((*GRAPH_OUTPUTS, FEATURE_TENSOR), outputs):
+        for name, value in zip((*GRAPH_OUTPUTS, *EXPORT_ONLY), outputs):
             parts[name].append(value.numpy())
     return {name: np.concatenate(values) for name, values in parts.items() if values}

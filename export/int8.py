@@ -5,8 +5,9 @@ Per-channel signed int8 weights, unsigned uint8 activations (the "U8S8" scheme) 
 without VNNI (this project's 2-core CI machine among them) ONNX Runtime runs only part of the
 S8S8 convolutions as integer kernels, and a ResNet18 at 224 px, batch 16, took 432 ms with S8S8
 against 120 ms with U8S8 (fp32: 272 ms), same process, same input. The head
-(L2 normalisation, cosine matmul, softmax: every node downstream of `feature`) stays in float:
-quantising a unit vector and a 3-row weight matrix saves nothing and costs agreement.
+(L2 normalisation, cosine matmul, softmax: every node downstream of `feature`) and the
+early-stage statistics stay in float (onnx_export.float32_island): quantising a unit vector and
+a 3-row weight matrix saves nothing and costs agreement, and the statistics are sums of squares.
 The model is first run through onnxruntime's quant_pre_process (shape inference + graph
 optimisation), as onnxruntime's quantisation guide recommends.
 """
@@ -21,8 +22,7 @@ import onnx
 
 from liverstage.runtime.model_meta import INPUT_NAME
 
-from .graph import FEATURE_TENSOR
-from .onnx_export import downstream_nodes, ensure_node_names
+from .onnx_export import ensure_node_names, float32_island
 
 
 class CropReader:
@@ -63,7 +63,7 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
         prepared_model = onnx.load_model(prepared)
         ensure_node_names(prepared_model)
-        head = downstream_nodes(prepared_model, FEATURE_TENSOR)
+        head = float32_island(prepared_model)
         onnx.save_model(prepared_model, prepared)
         quantize_static(
             str(prepared), str(quantised), _Reader(calibration_images),

@@ -124,6 +124,9 @@ def io_spec(meta: ModelMetadata) -> dict[str, Any]:
                                       f"softmax(linear classifier / {meta.temperature:.4g}) (softmax baseline)")},
             "embedding": {"type": "embedding", "shape": ["N", meta.embedding_dim], "dtype": "float32",
                           "description": "L2-normalised embedding"},
+            "early_stats": {"type": "features", "shape": ["N", meta.early_stats_dim], "dtype": "float32",
+                            "description": ("mean and standard deviation over the image of each of the E channels "
+                                            "of the backbone's early stage (read by the out-of-distribution gate)")},
         },
     }
 

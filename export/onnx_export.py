@@ -16,7 +16,7 @@ import onnx
 from liverstage.runtime.errors import ModelError
 from liverstage.runtime.model_meta import INPUT_NAME, METADATA_KEY, ModelMetadata
 
-from .graph import FEATURE_TENSOR, GRAPH_OUTPUTS, InferenceGraph
+from .graph import EXPORT_ONLY, GRAPH_OUTPUTS, InferenceGraph
 
 OPSET = 18
 MAX_BATCH_DIM = 4096
@@ -25,8 +25,9 @@ MAX_BATCH_DIM = 4096
 def export_fp32(graph: InferenceGraph, *, crop_size: int) -> onnx.ModelProto:
     """Export `graph` (with its `feature` output) to an in-memory float32 ONNX model.
 
-    Input `image` float32 [N, 1, S, S] with N dynamic; outputs cosine, probs, embedding. The
-    `feature` tensor keeps its name inside the graph but is removed from the outputs.
+    Input `image` float32 [N, 1, S, S] with N dynamic; outputs cosine, probs, embedding,
+    early_stats. The `feature` and `early` tensors keep their names inside the graph but are
+    removed from the outputs.
     """
     import torch  # noqa: PLC0415
 
@@ -39,12 +40,12 @@ def export_fp32(graph: InferenceGraph, *, crop_size: int) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph, (example,), dynamo=True, opset_version=OPSET, verbose=False,
-            input_names=[INPUT_NAME], output_names=[*GRAPH_OUTPUTS, FEATURE_TENSOR],
+            input_names=[INPUT_NAME], output_names=[*GRAPH_OUTPUTS, *EXPORT_ONLY],
             dynamic_shapes=({0: batch},), optimize=True,
         )
     model = program.model_proto
     _name_batch_dim(model, "N")
-    drop_outputs(model, [FEATURE_TENSOR])
+    drop_outputs(model, EXPORT_ONLY)
     check_graph(model)
     return model
 
@@ -73,6 +74,33 @@ def downstream_nodes(model: onnx.ModelProto, tensor: str) -> list[str]:
             reached.update(node.output)
             names.append(node.name)
     return names
+
+
+def upstream_nodes(model: onnx.ModelProto, tensor: str) -> list[str]:
+    """Names of every node that `tensor` (transitively) depends on."""
+    needed = {tensor}
+    names = []
+    for node in reversed(model.graph.node):
+        if any(name in needed for name in node.output):
+            needed.update(node.input)
+            names.append(node.name)
+    return names[::-1]
+
+
+def float32_island(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that stay float32 in FP16 and INT8 models: the head (everything
+    downstream of `feature`) and the early-stage statistics (everything downstream of `early`
+    that `feature` does not depend on). Both are sums of squares over many values, which
+    overflow FP16 on bright inputs, and the gate's distances need them in float32."""
+    from .graph import EARLY_TENSOR, FEATURE_TENSOR  # noqa: PLC0415
+
+    head = downstream_nodes(model, FEATURE_TENSOR)
+    not_stats = set(upstream_nodes(model, FEATURE_TENSOR)) | set(head)
+    stats = [name for name in downstream_nodes(model, EARLY_TENSOR) if name not in not_stats]
+    if not head or not stats:
+        raise ValueError(f"cannot find the head (downstream of {FEATURE_TENSOR!r}) or the statistics "
+                         f"(downstream of {EARLY_TENSOR!r}) in this graph")
+    return head + stats
 
 
 def ensure_node_names(model: onnx.ModelProto) -> None:

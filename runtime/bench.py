@@ -258,8 +258,8 @@ def gate_cost(runner, batch: np.ndarray, model_p50_s: float, *, warmup: int, ite
     gate = OodGate.from_metadata(metadata) if metadata is not None else None
     if gate is None:
         return {"ood_gate_ms": None, "ood_gate_fraction": None}
-    embedding = runner.run(batch)["embedding"]
-    gate_s = percentiles(time_calls(lambda: gate.judge(gate.scores(embedding, batch)), warmup=warmup, iters=iters))["p50"]
+    outputs = runner.run(batch)
+    gate_s = percentiles(time_calls(lambda: gate.judge(gate.scores(outputs, batch)), warmup=warmup, iters=iters))["p50"]
     return {"ood_gate_ms": gate_s * 1e3, "ood_gate_fraction": gate_s / model_p50_s}
 
 

@@ -18,7 +18,7 @@ from .stages import STAGES
 METADATA_KEY = "liverstage"
 METADATA_FORMAT_VERSION = 1
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("cosine", "probs", "embedding")
+OUTPUT_NAMES = ("cosine", "probs", "embedding", "early_stats")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -46,6 +46,7 @@ class ModelMetadata:
     checkpoint_sha256: str
     versions: dict[str, str]
     ood: dict[str, Any] | None = None
+    early_stats_dim: int | None = None  # width of the `early_stats` output; None: a model exported before it
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = METADATA_FORMAT_VERSION
 

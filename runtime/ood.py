@@ -5,7 +5,7 @@ three classes a confident one. The gate decides whether that answer may be read 
 when it says no, the volume is `uncertain` (its stage and probabilities are still reported,
 unchanged).
 
-Two k-nearest-neighbour detectors, each against a bank drawn from training crops at export
+Three k-nearest-neighbour detectors, each against a bank drawn from training crops at export
 (Sun, Ming, Zhu, Li: "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022:
 no class structure and no distribution assumed, so it works for every loss, the softmax
 baseline too, and it costs one small matrix product per batch):
@@ -21,18 +21,29 @@ baseline too, and it costs one small matrix product per batch):
   outside the bank's subspace gets a shorter projection, i.e. a larger distance. This keeps
   the gate's matrix products about ten times smaller than the full-dimensional ones (they run
   in one BLAS thread: see `matmul`).
+- early: the same distance for the L2-normalised `early_stats` output: each channel's mean and
+  standard deviation over the image at the backbone's early stage (resnet: `layer1`, 1/4 of the
+  input resolution; train/backbones.py `early_stage`), i.e. the statistics of its edge, blob
+  and texture detectors, stored the same way (basis and coordinates). Why: a trained network's
+  last features collapse, out-of-distribution inputs are mapped onto the clusters of the
+  training classes (measured on the demo model: noise, blank fields, checkerboards, a brain
+  MRI all land at cosine 0.99 from some training crop, as close as held-out liver crops), so
+  the embedding alone cannot see them; early-layer features do not collapse yet (Lee, Lee,
+  Lee, Shin, NeurIPS 2018, score intermediate layers for the same reason; channel mean and
+  deviation are the feature statistics of Huang and Belongie, ICCV 2017). On the demo model
+  this part caught a photograph that the other two passed.
 - image: the standardised distance from a cheap descriptor of the crop image itself (8 x 8
   block means: the layout; a 16-bin intensity histogram; neighbour differences at three scales
   relative to the crop's spread: the texture; see `image_descriptor`) to its k-th nearest bank
-  descriptor. Why: a
-  trained network's features collapse, out-of-distribution inputs are mapped onto the clusters
-  of the training classes (measured on the demo model: noise, blank fields, checkerboards, a
-  brain MRI all land at cosine 0.99 from some training crop, as close as held-out liver
-  crops), so the embedding alone cannot see them; the image descriptor does not collapse.
+  descriptor: what the crop looks like before any learned filter (a whole abdomen, a terrain
+  map, a field with the wrong histogram), independent of what the network learned to ignore.
 
-Each part has its own crop threshold, fitted at export on held-out in-distribution crops at
-half the stated false-alarm rate (so both together stay within it). A crop's score is the larger
-of its two distances, each divided by its threshold: above 1 the crop is atypical. The
+Each part has its own crop threshold, fitted at export at a third of the stated false-alarm
+rate (so the three together stay within it) on in-distribution crops the bank does not hold:
+held-out patients' crops and the bank's own, each against the bank without its patient
+(export/ood_fit.py). A crop's score
+is the largest of its three distances, each divided by its threshold: above 1 the crop is
+atypical. The
 volume's score is the median of its crops' scores; above 1 (more than half of its crops
 atypical) the volume is uncertain. One odd slice (the liver dome, a vessel) does not flag a
 whole volume; a volume that is mostly not liver is flagged however confident the stage head is.
@@ -53,8 +64,10 @@ import numpy as np
 
 from .errors import ModelError
 
-GATE_METHOD = "knn-embedding+knn-image"
-GATE_FORMAT_VERSION = 1
+GATE_METHOD = "knn-embedding+knn-early+knn-image"
+GATE_FORMAT_VERSION = 2
+PARTS = ("embedding", "early", "image")
+SPHERE_PARTS = {"embedding": "embedding", "early": "early_stats"}  # part -> the model output it reads
 NO_GATE_REASON = "the model carries no out-of-distribution gate; re-export it with this liverstage"
 NORM_EPS = 1e-12
 BASIS_DIM = 64
@@ -231,13 +244,18 @@ def one_blas_thread() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k: int) -> np.ndarray:
+def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k: int,
+                 exclude: np.ndarray | None = None) -> np.ndarray:
     """Euclidean distance from each query row to its k-th nearest bank row (float64).
 
-    bank_t: the bank transposed [D, K]; bank_sq: each bank row's squared norm [K].
+    bank_t: the bank transposed [D, K]; bank_sq: each bank row's squared norm [K]; exclude: an
+    optional boolean [N, K] of bank rows each query may not use (export's leave-one-patient-out
+    thresholds; the runtime passes none).
     """
     q = np.asarray(queries, dtype=np.float32)
     d2 = np.einsum("ij,ij->i", q, q)[:, None] + bank_sq[None, :] - 2.0 * matmul(q, bank_t)
+    if exclude is not None:
+        d2[exclude] = np.inf
     kth = np.partition(d2, k - 1, axis=1)[:, k - 1]
     return np.sqrt(np.maximum(kth.astype(np.float64), 0.0))
 
@@ -252,11 +270,16 @@ def _median(values: np.ndarray) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class CropScores:
-    """Per crop: the two kNN distances and the combined score (> 1: atypical)."""
+    """Per crop: the three kNN distances and the combined score (> 1: atypical)."""
 
     embedding: np.ndarray
+    early: np.ndarray
     image: np.ndarray
     score: np.ndarray
+
+    def select(self, keep: np.ndarray) -> "CropScores":
+        """The scores of the crops where `keep` (a boolean mask or indices) holds."""
+        return CropScores(**{f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,31 +303,36 @@ class OodGate:
     def __init__(self, config: dict[str, Any], *, clip_low: float, clip_high: float, source: str = "model") -> None:
         try:
             if config.get("method") != GATE_METHOD or config.get("format_version") != GATE_FORMAT_VERSION:
-                raise ValueError(f"unknown gate {config.get('method')!r} version {config.get('format_version')!r}")
-            emb, img = config["embedding"], config["image"]
-            self.basis = decode_array(emb["basis"])  # [D, m]
-            self.embedding_bank = decode_array(emb["bank"])  # [K, m]: bank coordinates in the basis
-            self.image_bank = decode_array(img["bank"])
-            self.k = {"embedding": int(emb["k"]), "image": int(img["k"])}
-            self.thresholds = {"embedding": float(emb["threshold"]), "image": float(img["threshold"])}
+                raise ValueError(f"unknown gate {config.get('method')!r} version {config.get('format_version')!r} "
+                                 f"(this liverstage reads {GATE_METHOD!r} version {GATE_FORMAT_VERSION}: re-export the model)")
+            img = config["image"]
+            self.k = {part: int(config[part]["k"]) for part in PARTS}
+            self.thresholds = {part: float(config[part]["threshold"]) for part in PARTS}
+            self.bases = {part: decode_array(config[part]["basis"]) for part in SPHERE_PARTS}  # [D, m]
+            banks = {part: decode_array(config[part]["bank"]) for part in PARTS}  # sphere parts: coordinates in the basis
             self.image_mean = np.asarray(img["mean"], dtype=np.float32)
             self.image_scale = np.asarray(img["scale"], dtype=np.float32)
-            for part, bank in (("embedding", self.embedding_bank), ("image", self.image_bank)):
-                if not 1 <= self.k[part] <= len(bank):
-                    raise ValueError(f"{part}: k = {self.k[part]} is outside 1..{len(bank)} (its bank size)")
+            for part in PARTS:
+                if not 1 <= self.k[part] <= len(banks[part]):
+                    raise ValueError(f"{part}: k = {self.k[part]} is outside 1..{len(banks[part])} (its bank size)")
                 if not (np.isfinite(self.thresholds[part]) and self.thresholds[part] > 0):
                     raise ValueError(f"{part}: threshold must be finite and > 0")
-            if self.basis.shape[1] != self.embedding_bank.shape[1]:
-                raise ValueError(f"embedding: basis {list(self.basis.shape)} and bank {list(self.embedding_bank.shape)} disagree")
-            if not (self.image_bank.shape[1] == DESCRIPTOR_DIM and self.image_mean.shape == (DESCRIPTOR_DIM,)
+            for part in SPHERE_PARTS:
+                if self.bases[part].shape[1] != banks[part].shape[1]:
+                    raise ValueError(f"{part}: basis {list(self.bases[part].shape)} and bank "
+                                     f"{list(banks[part].shape)} disagree")
+            if len({len(bank) for bank in banks.values()}) != 1:
+                raise ValueError("the parts' banks must hold the same crops")
+            if not (banks["image"].shape[1] == DESCRIPTOR_DIM and self.image_mean.shape == (DESCRIPTOR_DIM,)
                     and self.image_scale.shape == (DESCRIPTOR_DIM,) and (self.image_scale > 0).all()):
                 raise ValueError(f"image: bank, mean and scale must have {DESCRIPTOR_DIM} positive-scaled features")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{source}: invalid out-of-distribution gate in its metadata ({exc})") from None
         self.clip = (float(clip_low), float(clip_high))
-        self.dim = int(self.basis.shape[0])
-        self._embedding_bank_t = np.ascontiguousarray(self.embedding_bank.T)  # [m, K]
-        self._image_bank = (np.ascontiguousarray(self.image_bank.T), np.einsum("ij,ij->i", self.image_bank, self.image_bank))
+        self.dims = {part: int(self.bases[part].shape[0]) for part in SPHERE_PARTS}
+        self.bank_size = int(len(banks["image"]))  # the same crops in every part
+        self._sphere_banks_t = {part: np.ascontiguousarray(banks[part].T) for part in SPHERE_PARTS}  # [m, K]
+        self._image_bank = (np.ascontiguousarray(banks["image"].T), np.einsum("ij,ij->i", banks["image"], banks["image"]))
         one_blas_thread()
 
     @classmethod
@@ -321,19 +349,34 @@ class OodGate:
         raw = image_descriptor(images, clip_low=self.clip[0], clip_high=self.clip[1])
         return (raw - self.image_mean) / self.image_scale
 
-    def scores(self, embedding: np.ndarray, images: np.ndarray) -> CropScores:
-        """Both distances and the combined score for a batch of crops and their embeddings."""
-        emb = normalise_rows(embedding)
-        if emb.ndim != 2 or emb.shape[1] != self.dim or len(emb) != len(images):
-            raise ValueError(f"embedding of shape {list(emb.shape)} does not match the gate "
-                             f"(dimension {self.dim}) or the {len(images)} crops")
-        sims = matmul(matmul(emb, self.basis), self._embedding_bank_t)
-        kth_largest = sims.shape[1] - self.k["embedding"]  # the k-th largest cosine, by its index in ascending order
+    def sphere_distance(self, part: str, values: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        """Distance on the unit sphere from each L2-normalised row to its k-th nearest bank row
+        (`exclude`: as in `kth_distance`)."""
+        rows = normalise_rows(values)
+        sims = matmul(matmul(rows, self.bases[part]), self._sphere_banks_t[part])
+        if exclude is not None:
+            sims[exclude] = -np.inf
+        kth_largest = sims.shape[1] - self.k[part]  # the k-th largest cosine, by its index in ascending order
         kth = np.partition(sims, kth_largest, axis=1)[:, kth_largest]
-        d_emb = np.sqrt(np.clip(2.0 - 2.0 * kth.astype(np.float64), 0.0, 4.0))
-        d_img = kth_distance(self.image_features(images), *self._image_bank, self.k["image"])
-        score = np.maximum(d_emb / self.thresholds["embedding"], d_img / self.thresholds["image"])
-        return CropScores(embedding=d_emb, image=d_img, score=score)
+        return np.sqrt(np.clip(2.0 - 2.0 * kth.astype(np.float64), 0.0, 4.0))
+
+    def scores(self, outputs: dict[str, np.ndarray], images: np.ndarray, *,
+               exclude: np.ndarray | None = None) -> CropScores:
+        """The three distances and the combined score for a batch of crops and the model's
+        outputs for them (a backend's `run`: `embedding` and `early_stats` are read); `exclude`:
+        bank rows each crop may not use (`kth_distance`)."""
+        if exclude is not None and exclude.shape != (len(images), self.bank_size):
+            raise ValueError(f"exclude must be [{len(images)}, {self.bank_size}], got {list(exclude.shape)}")
+        distances = {}
+        for part, output in SPHERE_PARTS.items():
+            values = np.asarray(outputs[output])
+            if values.ndim != 2 or values.shape[1] != self.dims[part] or len(values) != len(images):
+                raise ValueError(f"{output} of shape {list(values.shape)} does not match the gate "
+                                 f"(dimension {self.dims[part]}) or the {len(images)} crops")
+            distances[part] = self.sphere_distance(part, values, exclude)
+        distances["image"] = kth_distance(self.image_features(images), *self._image_bank, self.k["image"], exclude)
+        score = np.max([distances[part] / self.thresholds[part] for part in PARTS], axis=0)
+        return CropScores(**distances, score=score)
 
     def judge(self, crops: CropScores) -> OodVerdict:
         """The volume rule on its crops' scores (module docstring)."""
@@ -344,10 +387,10 @@ class OodGate:
         atypical = score > THRESHOLD
         reason = None
         if median > THRESHOLD:
-            by_emb = int((crops.embedding[atypical] > self.thresholds["embedding"]).sum())
-            by_img = int((crops.image[atypical] > self.thresholds["image"]).sum())
+            by = {part: int((getattr(crops, part)[atypical] > self.thresholds[part]).sum()) for part in PARTS}
             reason = (f"{int(atypical.sum())} of {len(score)} crops look unlike the liver crops the model was trained on "
-                      f"(median out-of-distribution score {median:.2f} > {THRESHOLD:g}; by their embedding: {by_emb}, "
-                      f"by their image: {by_img}): not liver MRI like the training data, so the stage is not reliable")
+                      f"(median out-of-distribution score {median:.2f} > {THRESHOLD:g}; by their embedding: "
+                      f"{by['embedding']}, by their early features: {by['early']}, by their image: {by['image']}): "
+                      "not liver MRI like the training data, so the stage is not reliable")
         return OodVerdict(uncertain=median > THRESHOLD, reason=reason, score=median, threshold=THRESHOLD,
                           atypical_crops=int(atypical.sum()))

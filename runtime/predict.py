@@ -40,6 +40,7 @@ import numpy as np
 from .aggregate import VolumeStage, aggregate
 from .errors import InputError, LiverstageError
 from .io import NIFTI_SUFFIXES, load_volume
+from .model_meta import OUTPUT_NAMES
 from .ood import NO_GATE, CropScores, OodGate
 
 MASK_AND_BOX = "--mask/--mask-dir, --bbox and --roi are alternatives; give one of them"
@@ -243,19 +244,18 @@ class Predictor:
     # -- stage 2 (caller's thread): inference + aggregation -------------------------------------
     def infer(self, prepared: _Prepared) -> VolumeResult:
         t0 = time.perf_counter()
-        probs, cosine, embedding = [], [], []
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
         for start in range(0, len(prepared.images), self.batch_size):
             out = self.backend.run(prepared.images[start:start + self.batch_size])
-            probs.append(out["probs"])
-            cosine.append(out["cosine"])
-            embedding.append(out["embedding"])
-        probs_arr = np.concatenate(probs).astype(np.float64)
-        cos_arr = np.concatenate(cosine).astype(np.float64)
-        emb_arr = np.concatenate(embedding)
-        if not all(np.all(np.isfinite(a)) for a in (probs_arr, cos_arr, emb_arr)):
+            for name in OUTPUT_NAMES:
+                parts[name].append(out[name])
+        outputs = {name: np.concatenate(values) for name, values in parts.items()}
+        probs_arr = outputs["probs"].astype(np.float64)
+        cos_arr = outputs["cosine"].astype(np.float64)
+        if not all(np.all(np.isfinite(a)) for a in outputs.values()):
             raise InputError(f"{prepared.input}: the model returned NaN or Inf")
         t1 = time.perf_counter()
-        scores = self.gate.scores(emb_arr, prepared.images) if self.gate is not None else None
+        scores = self.gate.scores(outputs, prepared.images) if self.gate is not None else None
         verdict = aggregate(probs_arr, ood=self.gate.judge(scores) if scores is not None else NO_GATE)
         t2 = time.perf_counter()
         timing = dict(prepared.timing)

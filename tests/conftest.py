@@ -155,7 +155,8 @@ def cohort_crops(small_cohort, tiny_model):
 @pytest.fixture(scope="session")
 def gated_model(tmp_path_factory, tiny_onnx, tiny_model, cohort_crops):
     """The tiny model with an out-of-distribution gate fitted as export fits one, on its own
-    embeddings: bank from phantoms 0-7 of `small_cohort`, thresholds from phantoms 8-11."""
+    outputs: bank from phantoms 0-7 of `small_cohort`, thresholds from phantoms 8-11 and the
+    bank's phantoms left out one at a time."""
     import numpy as np  # noqa: PLC0415
 
     from liverstage.export.ood_fit import build_gate
@@ -165,7 +166,10 @@ def gated_model(tmp_path_factory, tiny_onnx, tiny_model, cohort_crops):
     spec = backend.metadata.preprocess
     bank = np.concatenate([c for _, _, c in cohort_crops[:8]])
     held = np.concatenate([c for _, _, c in cohort_crops[8:]])
-    gate = build_gate(backend.run(bank)["embedding"], bank, backend.run(held)["embedding"], held,
-                      clip_low=spec.clip_low, clip_high=spec.clip_high, fit={"source": "tests"})
+    bank_patients = [str(vol) for vol, _, c in cohort_crops[:8] for _ in range(len(c))]
+    held_patients = [str(vol) for vol, _, c in cohort_crops[8:] for _ in range(len(c))]
+    gate = build_gate(backend.run(bank), bank, backend.run(held), held, bank_patients=bank_patients,
+                      held_patients=held_patients, clip_low=spec.clip_low, clip_high=spec.clip_high,
+                      fit={"source": "tests"})
     meta = tiny_onnx.tiny_metadata(crop_size=32, ood=gate)
     return tiny_onnx.build_tiny_onnx(tmp_path_factory.mktemp("gated") / "gated.onnx", crop_size=32, metadata=meta)

@@ -19,7 +19,8 @@ def test_onnx_backend_runs_and_carries_metadata(tiny_model, tiny_onnx):
     assert backend.metadata == tiny_onnx.tiny_metadata(crop_size=32)
     images = np.random.default_rng(0).standard_normal((5, 1, 32, 32)).astype(np.float32)
     out = backend.run(images)
-    assert set(out) == {"cosine", "probs", "embedding"}
+    assert set(out) == {"cosine", "probs", "embedding", "early_stats"}
+    assert out["early_stats"].shape == (5, 8) and (out["early_stats"][:, 4:] >= 0).all()  # means, then deviations
     assert out["cosine"].shape == (5, 3) and out["probs"].shape == (5, 3) and out["embedding"].shape == (5, 8)
     np.testing.assert_allclose(out["probs"].sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
@@ -76,6 +77,24 @@ def test_onnx_with_bad_metadata_or_io(tmp_path, tiny_model):
     onnx.save(model, str(tmp_path / "bad_io.onnx"))
     with pytest.raises(ModelError, match="expected input 'image'"):
         open_backend(tmp_path / "bad_io.onnx")
+
+
+def test_model_from_before_early_stats_is_refused_with_the_fix(tmp_path, tiny_model, capsys):
+    """A model exported before the gate read `early_stats` cannot be gated: one line says what to do."""
+    model = onnx.load(str(tiny_model))
+    del model.graph.output[3]
+    assert [o.name for o in model.graph.output] == ["cosine", "probs", "embedding"]
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.raises(ModelError, match="no early_stats output.*export it again from its checkpoint"):
+        open_backend(tmp_path / "old.onnx")
+    volume = tmp_path / "v.nii.gz"
+    volume.write_bytes(b"")  # never read: the model is opened first
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(volume), "--model", str(tmp_path / "old.onnx"), "--report", str(tmp_path / "r.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export it again" in err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_device_and_provider_choice(tiny_model):

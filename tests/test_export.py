@@ -104,7 +104,7 @@ def test_onnx_export_matches_torch(backbone, loss, crops, r18_amcl):
     graph = InferenceGraph(net, scale=net.scale, probs_source="linear" if loss == "softmax" else "cosine")
     model = export_fp32(graph, crop_size=CROP)
     assert [v.name for v in model.graph.input] == ["image"]
-    assert [v.name for v in model.graph.output] == ["cosine", "probs", "embedding"]
+    assert [v.name for v in model.graph.output] == ["cosine", "probs", "embedding", "early_stats"]
     assert "Acos" not in op_types(model)
     out = run_session(ort_session(to_bytes(model)), images)
     ref = torch_reference(graph, images)
@@ -170,7 +170,7 @@ def test_metadata_round_trip(exported, amcl_checkpoint):
     assert meta.checkpoint_sha256 == hashlib.sha256(amcl_checkpoint.read_bytes()).hexdigest()
     assert Path(meta.extra["checkpoint_path"]) == amcl_checkpoint.resolve()
     assert {"torch", "onnx", "onnxruntime"} <= set(meta.versions)
-    assert meta.ood is not None and meta.ood["embedding"]["threshold"] > 0 and meta.ood["image"]["threshold"] > 0
+    assert meta.ood is not None and all(meta.ood[part]["threshold"] > 0 for part in ("embedding", "early", "image"))
     assert meta.temperature > 0
     # The same through the ONNX file itself.
     props = {p.key: p.value for p in onnx.load(str(exported), load_external_data=False).metadata_props}
@@ -199,7 +199,7 @@ def test_batch_1_and_batch_7_agree(exported, crops):
     session = ort_session(str(exported))
     together = run_session(session, images, batch_size=7)
     one_by_one = run_session(session, images, batch_size=1)
-    for name in ("cosine", "probs", "embedding"):
+    for name in ("cosine", "probs", "embedding", "early_stats"):
         assert np.abs(together[name] - one_by_one[name]).max() < 1e-5
 
 
@@ -217,7 +217,7 @@ def test_triton_repository(amcl_checkpoint, tmp_path, capsys):
                        ("embedding", "[ 512 ]")):
         assert f'name: "{name}"' in config and dims in config
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["cosine", "probs", "embedding"]
+    assert [o.name for o in session.get_outputs()] == ["cosine", "probs", "embedding", "early_stats"]
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no temporary left
 
 

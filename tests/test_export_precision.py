@@ -18,7 +18,8 @@ pytest.importorskip("onnxruntime")
 
 from liverstage.export.api import ExportOptions, export_checkpoint  # noqa: E402
 from liverstage.export.graph import FEATURE_TENSOR  # noqa: E402
-from liverstage.export.onnx_export import downstream_nodes  # noqa: E402
+from liverstage.export.graph import EARLY_TENSOR  # noqa: E402
+from liverstage.export.onnx_export import downstream_nodes, float32_island, upstream_nodes  # noqa: E402
 
 CROP = 32
 
@@ -66,14 +67,31 @@ def test_fp16_parity_and_float32_head(trained, tmp_path):
     # the backbone runs in FP16 ...
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert convs and all(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
-    # ... and every head tensor (sum of squares, norm, cosine, softmax) is float32
-    head = set(downstream_nodes(model, FEATURE_TENSOR))
-    assert head
+    # ... and every head tensor (sum of squares, norm, cosine, softmax) and every tensor of the
+    # early-stage statistics (means, centred squares, deviations) is float32
+    head = set(float32_island(model))
+    assert set(downstream_nodes(model, FEATURE_TENSOR)) < head
+    stats = head - set(downstream_nodes(model, FEATURE_TENSOR))
+    assert {n.op_type for n in model.graph.node if n.name in stats} >= {"ReduceMean", "Sqrt", "Concat"}
+    assert not stats & set(upstream_nodes(model, FEATURE_TENSOR))  # none of the backbone is in the island
+    assert any(EARLY_TENSOR in n.input for n in model.graph.node if n.name in stats)
     for node in model.graph.node:
         if node.name in head:
             assert all(types[name] != onnx.TensorProto.FLOAT16 for name in (*node.input, *node.output) if name), node.name
             assert types[node.output[0]] in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64), node.name
     assert json.loads(Path(str(result.model_path) + ".parity.json").read_text())["precision"] == "fp16"
+    # the gate reads the statistics: close to float32's on the parity crops and finite on bright ones
+    from liverstage.export.parity import large_norm_inputs  # noqa: PLC0415
+    from liverstage.runtime.backends import open_backend  # noqa: PLC0415
+
+    fp32, _ = export(trained, tmp_path / "m32.onnx", precision="fp32")
+    images = np.random.default_rng(0).standard_normal((8, 1, CROP, CROP)).astype(np.float32)
+    bright = large_norm_inputs(images, crop_size=CROP)
+    for batch in (images, bright):
+        got = open_backend(result.model_path).run(batch)["early_stats"]
+        want = open_backend(fp32.model_path).run(batch)["early_stats"]
+        assert np.isfinite(got).all()
+        assert np.abs(got - want).max() <= 2e-2 * max(1.0, np.abs(want).max())
 
 
 def test_int8_agreement_and_accuracy(trained, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from liverstage.export.ood_fit import MAX_BANK, build_gate, payload_bytes
 from liverstage.runtime.backends import open_backend
 from liverstage.runtime.errors import ModelError
-from liverstage.runtime.ood import (DESCRIPTOR_DIM, NO_GATE_REASON, OodGate, decode_array, encode_array,
+from liverstage.runtime.ood import (DESCRIPTOR_DIM, NO_GATE_REASON, PARTS, OodGate, decode_array, encode_array,
                                     image_descriptor, descriptor_factor)
 from liverstage.runtime.predict import Predictor
 
@@ -102,16 +102,62 @@ def test_the_volume_median_is_numpys():
         assert _median(values) == float(np.median(values))
 
 
-def test_gate_payload_for_a_2048_d_embedding():
-    """ResNet50's 2048-d embedding: the bank is stored in 64 principal directions, far below 4 MB."""
+def test_gate_payload_for_resnet50_outputs():
+    """ResNet50's 2048-d embedding and 512 early statistics (256 channels of layer1): each bank is
+    stored in 64 principal directions, far below 4 MB."""
     rng = np.random.default_rng(2)
-    emb = np.abs(rng.standard_normal((300, 2048))).astype(np.float32)  # post-ReLU
+    outputs = {"embedding": np.abs(rng.standard_normal((300, 2048))).astype(np.float32),  # post-ReLU
+               "early_stats": np.abs(rng.standard_normal((300, 512))).astype(np.float32)}
     images = rng.uniform(0, 1, (300, 1, 32, 32)).astype(np.float32)
-    gate = build_gate(emb, images, emb[:40], images[:40], clip_low=-0.5, clip_high=1.5)
+    held = {name: value[:40] for name, value in outputs.items()}
+    gate = build_gate(outputs, images, held, images[:40], clip_low=-0.5, clip_high=1.5)
     assert gate["embedding"]["basis"]["shape"] == [2048, 64] and gate["embedding"]["bank"]["shape"] == [300, 64]
-    per_crop = 2 * (64 + DESCRIPTOR_DIM)
-    assert payload_bytes(gate) == 2 * 2048 * 64 + 300 * per_crop
-    assert 2 * 2048 * 64 + MAX_BANK * per_crop <= 4 * 2**20  # the largest bank export writes
+    assert gate["early"]["basis"]["shape"] == [512, 64] and gate["early"]["bank"]["shape"] == [300, 64]
+    per_crop = 2 * (64 + 64 + DESCRIPTOR_DIM)
+    bases = 2 * (2048 + 512) * 64
+    assert payload_bytes(gate) == bases + 300 * per_crop
+    assert bases + MAX_BANK * per_crop <= 4 * 2**20  # the largest bank export writes
+
+
+def test_thresholds_pool_held_out_and_leave_one_patient_out_bank_crops():
+    """Each bank crop is scored against the bank without its own patient's crops, and those
+    distances join the held-out crops' in the thresholds' quantiles (export/ood_fit.py)."""
+    from liverstage.export.ood_fit import leave_out_count, threshold_scores  # noqa: PLC0415
+
+    rng = np.random.default_rng(5)
+    n_bank, n_held = 60, 12
+    outputs = {"embedding": rng.standard_normal((n_bank + n_held, 16)).astype(np.float32),
+               "early_stats": rng.standard_normal((n_bank + n_held, 8)).astype(np.float32)}
+    images = rng.uniform(0, 1, (n_bank + n_held, 1, 32, 32)).astype(np.float32)
+    bank_out = {k: v[:n_bank] for k, v in outputs.items()}
+    held_out = {k: v[n_bank:] for k, v in outputs.items()}
+    patients = [f"p{i // 10}" for i in range(n_bank)]  # 6 patients of 10 crops
+    clip = dict(clip_low=-0.5, clip_high=1.5)
+    config = build_gate(bank_out, images[:n_bank], held_out, images[n_bank:], bank_patients=patients,
+                        held_patients=["h0"] * 6 + ["h1"] * 6, **clip)
+    assert config["fit"]["threshold_crops"] == n_held + n_bank and config["fit"]["leave_patient_out_crops"] == n_bank
+    assert config["fit"]["threshold_patients"] == 8
+    gate = OodGate(config, **clip)
+    scores, groups = threshold_scores(gate, bank_out, images[:n_bank], patients, held_out, images[n_bank:],
+                                      ["h0"] * 6 + ["h1"] * 6)
+    assert len(set(groups.tolist())) == 8 and groups[-1] == "bank:p5"
+    # brute force for one bank crop of patient p2: the k-th nearest among the other patients' crops
+    i = 25
+    others = [j for j in range(n_bank) if patients[j] != patients[i]]
+    feats = gate.image_features(images[:n_bank])
+    bank_rows = np.asarray(gate._image_bank[0]).T
+    d = np.sort(np.linalg.norm(bank_rows[others] - feats[i], axis=1))
+    assert scores.image[n_held + i] == pytest.approx(d[gate.k["image"] - 1], rel=1e-4)
+    alone = gate.scores({k: v[[i]] for k, v in bank_out.items()}, images[[i]])
+    d_all = np.sort(np.linalg.norm(bank_rows - feats[i], axis=1))  # itself included, at distance ~0
+    assert alone.image[0] == pytest.approx(d_all[gate.k["image"] - 1], rel=1e-4) and d_all[0] < 1e-3
+    assert alone.image[0] < scores.image[n_held + i]
+    for part in PARTS:  # the thresholds are the quantiles of the pooled distances
+        q = np.quantile(getattr(scores, part), 1 - config["false_alarm_rate"] / len(PARTS))
+        assert config[part]["threshold"] == pytest.approx(max(q, 1e-6))
+    assert leave_out_count(["a"] * 10, 5) == 0 and leave_out_count(["a"] * 3 + ["b"] * 5, 5) == 3
+    with pytest.raises(ValueError, match="exclude must be"):
+        gate.scores(bank_out, images[:n_bank], exclude=np.zeros((2, 2), dtype=bool))
 
 
 def test_a_gate_leaves_numpy_blas_one_thread(gated_model):
@@ -127,7 +173,7 @@ def test_a_gate_leaves_numpy_blas_one_thread(gated_model):
 def test_gate_flags_noise_and_passes_held_out_phantoms(gated_model, cohort_crops, tmp_path):
     backend = open_backend(gated_model, device="cpu")
     gate = OodGate.from_metadata(backend.metadata)
-    verdicts = [gate.judge(gate.scores(backend.run(c)["embedding"], c)) for _, _, c in cohort_crops]
+    verdicts = [gate.judge(gate.scores(backend.run(c), c)) for _, _, c in cohort_crops]
     assert sum(v.uncertain for v in verdicts) <= 1  # in-distribution: at most one false alarm in 12
     vol, mask = noise_volume(tmp_path)
     run = Predictor(backend, mask=mask).run([vol])

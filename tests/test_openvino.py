@@ -43,7 +43,7 @@ def test_fp32_matches_onnxruntime_and_carries_the_same_metadata(tiny_model):
     assert ov.metadata == ort.metadata
     images = _images()
     got, want = ov.run(images), ort.run(images)
-    assert set(got) == {"cosine", "probs", "embedding"}
+    assert set(got) == {"cosine", "probs", "embedding", "early_stats"}
     for name in got:
         assert got[name].dtype == np.float32 and got[name].shape == want[name].shape
         np.testing.assert_allclose(got[name], want[name], atol=1e-5)

@@ -51,7 +51,11 @@ def check_images(images: np.ndarray, crop_size: int) -> np.ndarray:
 
 def check_io(path: Path, inputs: list[str], input_shape: list, outputs: set[str], crop_size: int) -> None:
     """ModelError unless the graph has our interface: input `image` [N, 1, S, S] (S = the metadata's
-    crop size; None or a name for a dynamic dimension) and the outputs cosine, probs, embedding."""
+    crop size; None or a name for a dynamic dimension) and the outputs cosine, probs, embedding,
+    early_stats."""
+    if inputs == [INPUT_NAME] and set(OUTPUT_NAMES) - {"early_stats"} <= outputs and "early_stats" not in outputs:
+        raise ModelError(f"{path}: exported by an older liverstage (no early_stats output, which the "
+                         "out-of-distribution gate reads): export it again from its checkpoint")
     if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs:
         raise ModelError(
             f"{path}: expected input '{INPUT_NAME}' and outputs {', '.join(OUTPUT_NAMES)}, got "

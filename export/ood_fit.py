@@ -109,9 +109,8 @@ def build_gate(bank_outputs: dict[str, np.ndarray], bank_images: np.ndarray, hel
     scores, groups = threshold_scores(gate, bank_outputs, bank_images, bank_patients, held_outputs, held_images,
                                       held_patients)
     config = with_thresholds_from(config, scores, false_alarm_rate=false_alarm_rate)
-    left_out = 0 if bank_patients is None else leave_out_count(bank_patients, k)
     config["fit"].update(bank_crops=int(len(bank_images)), threshold_crops=int(len(groups)),
-                         held_out_crops=int(len(held_images)), leave_patient_out_crops=int(left_out),
+                         held_out_crops=int(len(held_images)), leave_patient_out_crops=int(sum(g.startswith("bank:") for g in groups.tolist())),
                          basis_dim={part: int(config[part]["basis"]["shape"][1]) for part in SPHERE_PARTS},
                          basis_energy=energies)
     if bank_patients is not None or held_patients is not None:
@@ -119,12 +118,12 @@ def build_gate(bank_outputs: dict[str, np.ndarray], bank_images: np.ndarray, hel
     return config
 
 
-def leave_out_count(bank_patients, k: int) -> int:
-    """How many bank crops can be scored leave-one-patient-out: those with at least k crops of
+def leave_out_usable(bank_patients, k: int) -> np.ndarray:
+    """Which bank crops can be scored leave-one-patient-out: those with at least k crops of
     other patients in the bank (none with a single patient)."""
     patients = np.asarray(list(bank_patients))
     _, inverse, counts = np.unique(patients, return_inverse=True, return_counts=True)
-    return int((len(patients) - counts[inverse] >= k).sum())
+    return len(patients) - counts[inverse] >= k
 
 
 def threshold_scores(gate: OodGate, bank_outputs, bank_images, bank_patients, held_outputs, held_images,
@@ -139,7 +138,7 @@ def threshold_scores(gate: OodGate, bank_outputs, bank_images, bank_patients, he
         return held, held_groups
     patients = np.asarray(list(bank_patients))
     exclude = patients[:, None] == patients[None, :]
-    usable = (~exclude).sum(axis=1) >= max(gate.k.values())
+    usable = leave_out_usable(patients, max(gate.k.values()))
     if not usable.any():
         return held, held_groups
     bank = gate.scores({name: np.asarray(v)[usable] for name, v in bank_outputs.items()}, bank_images[usable],

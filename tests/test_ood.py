@@ -122,7 +122,7 @@ def test_gate_payload_for_resnet50_outputs():
 def test_thresholds_pool_held_out_and_leave_one_patient_out_bank_crops():
     """Each bank crop is scored against the bank without its own patient's crops, and those
     distances join the held-out crops' in the thresholds' quantiles (export/ood_fit.py)."""
-    from liverstage.export.ood_fit import leave_out_count, threshold_scores  # noqa: PLC0415
+    from liverstage.export.ood_fit import leave_out_usable, threshold_scores  # noqa: PLC0415
 
     rng = np.random.default_rng(5)
     n_bank, n_held = 60, 12
@@ -155,7 +155,8 @@ def test_thresholds_pool_held_out_and_leave_one_patient_out_bank_crops():
     for part in PARTS:  # the thresholds are the quantiles of the pooled distances
         q = np.quantile(getattr(scores, part), 1 - config["false_alarm_rate"] / len(PARTS))
         assert config[part]["threshold"] == pytest.approx(max(q, 1e-6))
-    assert leave_out_count(["a"] * 10, 5) == 0 and leave_out_count(["a"] * 3 + ["b"] * 5, 5) == 3
+    assert not leave_out_usable(["a"] * 10, 5).any()
+    assert leave_out_usable(["a"] * 3 + ["b"] * 5, 5).tolist() == [True] * 3 + [False] * 5
     with pytest.raises(ValueError, match="exclude must be"):
         gate.scores(bank_out, images[:n_bank], exclude=np.zeros((2, 2), dtype=bool))
 

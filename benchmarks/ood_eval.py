@@ -134,7 +134,7 @@ def sweep(model: Path, checkpoint: Path, cases, fresh_pairs, select: set[str], *
         for rate in rates:
             config = ood_fit.build_gate(bank_emb, bank.images, held_emb, held.images, bank_patients=bank.patients,
                                         held_patients=held.patients, clip_low=spec.clip_low,
-                                        clip_high=spec.clip_high, false_alarm_rate=rate, k=k)
+                                        clip_high=spec.clip_high, false_alarm_rate=rate, k=k).config
             gate = OodGate(config, clip_low=spec.clip_low, clip_high=spec.clip_high)
             fresh_scores = [gate.judge(gate.scores(e, i)).score for i, e in fresh]
             caught = {"select": [], "held_out": []}

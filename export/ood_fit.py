@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -73,12 +73,21 @@ def _quantile(false_alarm_rate: float) -> float:
     return 1.0 - false_alarm_rate / len(PARTS)
 
 
+class FittedGate(NamedTuple):
+    """A fitted gate: the `ModelMetadata.ood` entry, and the threshold crops' distances with a
+    patient group per crop (`threshold_scores`), which export's cross-fitted figure reuses."""
+
+    config: dict[str, Any]
+    scores: CropScores
+    groups: np.ndarray
+
+
 def build_gate(bank_outputs: dict[str, np.ndarray], bank_images: np.ndarray, held_outputs: dict[str, np.ndarray],
                held_images: np.ndarray, *, clip_low: float, clip_high: float, bank_patients=None, held_patients=None,
-               false_alarm_rate: float = FALSE_ALARM_RATE, k: int = K_NEIGHBOURS, fit: dict | None = None) -> dict[str, Any]:
-    """The `ModelMetadata.ood` entry: banks from the bank crops and the model's outputs for them
-    (`embedding`, `early_stats`), thresholds from the held-out ones and, given `bank_patients`
-    (one id per bank crop), the bank's own crops left out by patient (module docstring)."""
+               false_alarm_rate: float = FALSE_ALARM_RATE, k: int = K_NEIGHBOURS, fit: dict | None = None) -> FittedGate:
+    """Banks from the bank crops and the model's outputs for them (`embedding`, `early_stats`),
+    thresholds from the held-out ones and, given `bank_patients` (one id per bank crop), the
+    bank's own crops left out by patient (module docstring)."""
     if not 0.0 < false_alarm_rate < 1.0:
         raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate!r}")
     if bank_patients is not None and len(bank_patients) != len(bank_images):
@@ -109,13 +118,14 @@ def build_gate(bank_outputs: dict[str, np.ndarray], bank_images: np.ndarray, hel
     scores, groups = threshold_scores(gate, bank_outputs, bank_images, bank_patients, held_outputs, held_images,
                                       held_patients)
     config = with_thresholds_from(config, scores, false_alarm_rate=false_alarm_rate)
+    left_out = sum(group.startswith("bank:") for group in groups.tolist())
     config["fit"].update(bank_crops=int(len(bank_images)), threshold_crops=int(len(groups)),
-                         held_out_crops=int(len(held_images)), leave_patient_out_crops=int(sum(g.startswith("bank:") for g in groups.tolist())),
+                         held_out_crops=int(len(held_images)), leave_patient_out_crops=int(left_out),
                          basis_dim={part: int(config[part]["basis"]["shape"][1]) for part in SPHERE_PARTS},
                          basis_energy=energies)
     if bank_patients is not None or held_patients is not None:
         config["fit"]["threshold_patients"] = len(set(groups.tolist()))
-    return config
+    return FittedGate(config, scores, groups)
 
 
 def leave_out_usable(bank_patients, k: int) -> np.ndarray:
@@ -288,10 +298,8 @@ def fit_for_export(session, crops, ckpt, spec, *, echo: Callable[[str], None] = 
            "threshold_source": f"{held.source}, and the bank's patients left out one at a time"}
     clip = dict(clip_low=spec.clip_low, clip_high=spec.clip_high)
     held_outputs, bank_outputs = embed(held.images), embed(bank.images)
-    config = build_gate(bank_outputs, bank.images, held_outputs, held.images, bank_patients=bank.patients,
-                        held_patients=held.patients, fit=fit, **clip)
-    scores, groups = threshold_scores(OodGate(config, **clip), bank_outputs, bank.images, bank.patients,
-                                      held_outputs, held.images, held.patients)
+    config, scores, groups = build_gate(bank_outputs, bank.images, held_outputs, held.images,
+                                        bank_patients=bank.patients, held_patients=held.patients, fit=fit, **clip)
     cases = far_ood_cases() if ood_cases is None else ood_cases
     figures = {
         "method": config["method"], "false_alarm_rate_target": config["false_alarm_rate"],

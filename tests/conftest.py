@@ -170,6 +170,6 @@ def gated_model(tmp_path_factory, tiny_onnx, tiny_model, cohort_crops):
     held_patients = [str(vol) for vol, _, c in cohort_crops[8:] for _ in range(len(c))]
     gate = build_gate(backend.run(bank), bank, backend.run(held), held, bank_patients=bank_patients,
                       held_patients=held_patients, clip_low=spec.clip_low, clip_high=spec.clip_high,
-                      fit={"source": "tests"})
+                      fit={"source": "tests"}).config
     meta = tiny_onnx.tiny_metadata(crop_size=32, ood=gate)
     return tiny_onnx.build_tiny_onnx(tmp_path_factory.mktemp("gated") / "gated.onnx", crop_size=32, metadata=meta)

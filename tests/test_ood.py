@@ -110,7 +110,7 @@ def test_gate_payload_for_resnet50_outputs():
                "early_stats": np.abs(rng.standard_normal((300, 512))).astype(np.float32)}
     images = rng.uniform(0, 1, (300, 1, 32, 32)).astype(np.float32)
     held = {name: value[:40] for name, value in outputs.items()}
-    gate = build_gate(outputs, images, held, images[:40], clip_low=-0.5, clip_high=1.5)
+    gate = build_gate(outputs, images, held, images[:40], clip_low=-0.5, clip_high=1.5).config
     assert gate["embedding"]["basis"]["shape"] == [2048, 64] and gate["embedding"]["bank"]["shape"] == [300, 64]
     assert gate["early"]["basis"]["shape"] == [512, 64] and gate["early"]["bank"]["shape"] == [300, 64]
     per_crop = 2 * (64 + 64 + DESCRIPTOR_DIM)
@@ -133,14 +133,18 @@ def test_thresholds_pool_held_out_and_leave_one_patient_out_bank_crops():
     held_out = {k: v[n_bank:] for k, v in outputs.items()}
     patients = [f"p{i // 10}" for i in range(n_bank)]  # 6 patients of 10 crops
     clip = dict(clip_low=-0.5, clip_high=1.5)
-    config = build_gate(bank_out, images[:n_bank], held_out, images[n_bank:], bank_patients=patients,
-                        held_patients=["h0"] * 6 + ["h1"] * 6, **clip)
+    config, fitted_scores, fitted_groups = build_gate(bank_out, images[:n_bank], held_out, images[n_bank:],
+                                                      bank_patients=patients, held_patients=["h0"] * 6 + ["h1"] * 6, **clip)
     assert config["fit"]["threshold_crops"] == n_held + n_bank and config["fit"]["leave_patient_out_crops"] == n_bank
     assert config["fit"]["threshold_patients"] == 8
     gate = OodGate(config, **clip)
     scores, groups = threshold_scores(gate, bank_out, images[:n_bank], patients, held_out, images[n_bank:],
                                       ["h0"] * 6 + ["h1"] * 6)
     assert len(set(groups.tolist())) == 8 and groups[-1] == "bank:p5"
+    # what build_gate returns (and export's cross-fitted figure reuses) are these same distances
+    assert fitted_groups.tolist() == groups.tolist()
+    for part in PARTS:
+        np.testing.assert_array_equal(getattr(fitted_scores, part), getattr(scores, part))
     # brute force for one bank crop of patient p2: the k-th nearest among the other patients' crops
     i = 25
     others = [j for j in range(n_bank) if patients[j] != patients[i]]

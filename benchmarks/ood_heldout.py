@@ -248,16 +248,22 @@ def second_image_cases() -> tuple[list[OodCase], str | None]:
     return cases, None
 
 
-def second_set_cases(per_kind: int) -> tuple[list[OodCase], str | None]:
-    """The second held-out set (module docstring)."""
+def _set_cases(seed: int, per_kind: int, volumes, pictures) -> tuple[list[OodCase], str | None]:
+    """`volumes(rng, index)` for each index (one generator per (seed, index)), then `pictures()`:
+    the cases and the reason any pictures are left out."""
     if not isinstance(per_kind, int) or per_kind < 1:
         raise ValueError(f"per_kind must be a positive integer, got {per_kind!r}")
     cases: list[OodCase] = []
     for index in range(per_kind):
-        rng = np.random.default_rng(np.random.SeedSequence([SECOND_SEED, index]))
-        cases += second_synthetic_cases(rng, index) + [mirrored_case(index)]
-    images, note = second_image_cases()
+        cases += volumes(np.random.default_rng(np.random.SeedSequence([seed, index])), index)
+    images, note = pictures()
     return cases + images, note
+
+
+def second_set_cases(per_kind: int) -> tuple[list[OodCase], str | None]:
+    """The second held-out set (module docstring)."""
+    return _set_cases(SECOND_SEED, per_kind,
+                      lambda rng, index: second_synthetic_cases(rng, index) + [mirrored_case(index)], second_image_cases)
 
 
 def _box_region(shape, box) -> np.ndarray:
@@ -268,14 +274,9 @@ def _box_region(shape, box) -> np.ndarray:
 
 
 def heldout_cases(per_kind: int) -> tuple[list[OodCase], str | None]:
-    if not isinstance(per_kind, int) or per_kind < 1:
-        raise ValueError(f"per_kind must be a positive integer, got {per_kind!r}")
-    cases: list[OodCase] = []
-    for index in range(per_kind):
-        rng = np.random.default_rng(np.random.SeedSequence([HELDOUT_SEED, index]))
-        cases += synthetic_cases(rng, index) + phantom_cases(rng, index)
-    images, note = image_cases()
-    return cases + images, note
+    """The first held-out set (module docstring)."""
+    return _set_cases(HELDOUT_SEED, per_kind,
+                      lambda rng, index: synthetic_cases(rng, index) + phantom_cases(rng, index), image_cases)
 
 
 def main(argv: list[str] | None = None) -> int:

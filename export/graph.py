@@ -30,11 +30,23 @@ NORM_EPS = 1e-12
 
 def channel_stats(x: torch.Tensor) -> torch.Tensor:
     """[N, E, H, W] -> [N, 2E]: each channel's mean and population standard deviation over the
-    image, the deviation from the centred values (two passes: no cancellation in bf16/fp16)."""
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    centred = x - mean
-    std = torch.sqrt((centred * centred).mean(dim=(2, 3)))
-    return torch.cat([mean.flatten(1), std], dim=1)
+    image, in one pass over the activation: the mean (ReduceMean) and the root of the sum of
+    squares (ReduceL2) read the tensor side by side, and std = sqrt(max(E[x^2] - mean^2, 0)).
+
+    Why one pass: the two-pass form (mean, then the mean of the centred squares) made two
+    temporaries the size of the stage's activation, and on the CPU backends that was most of
+    the statistics' cost: measured by per-node profiles at batch 16 (ResNet18 224 px, demo
+    model), ONNX Runtime int8 4.4 -> 3.3 ms, OpenVINO int8 5.4 -> 2.4 ms (docs/architecture.md).
+    Why it stays accurate: the statistics are float32 in every precision
+    (onnx_export.float32_island), so the cancellation in E[x^2] - mean^2 leaves an error in the
+    deviation of at most about sqrt(float32 epsilon) = 3.5e-4 times the channel's root mean
+    square: small against the norm of the vector the gate normalises (runtime/ood.py), also
+    for a bright, nearly constant channel."""
+    count = float(x.shape[2] * x.shape[3])
+    mean = x.mean(dim=(2, 3))
+    root_sum_squares = torch.linalg.vector_norm(x, ord=2, dim=(2, 3))
+    variance = root_sum_squares * root_sum_squares / count - mean * mean
+    return torch.cat([mean, torch.sqrt(torch.clamp(variance, min=0.0))], dim=1)
 
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,31 @@ def test_onnx_export_matches_torch(backbone, loss, crops, r18_amcl):
     with torch.no_grad():  # probs are the checkpoint's own inference scores (no margin)
         logits = net.class_logits(net(torch.from_numpy(images)))
     assert np.abs(out["probs"] - torch.softmax(logits, 1).numpy()).max() < 1e-4
+    # early_stats: each channel's mean and population deviation of the early stage, as numpy has them
+    early = ref["early"].astype(np.float64)
+    want = np.concatenate([early.mean(axis=(2, 3)), early.std(axis=(2, 3))], axis=1)
+    assert np.abs(out["early_stats"] - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_channel_stats_one_pass_is_accurate():
+    """Mean and deviation in one pass (E[x^2] - mean^2, float32) against numpy's two-pass float64:
+    ordinary post-ReLU-like channels, a bright nearly constant one (the cancellation case), an
+    all-zero one (deviation 0, not NaN) and a constant one."""
+    from liverstage.export.graph import channel_stats
+
+    rng = np.random.default_rng(3)
+    x = np.abs(rng.standard_normal((4, 5, 14, 14)))
+    x[:, 1] = 1000.0 + rng.standard_normal((4, 14, 14))
+    x[:, 2] = 0.0
+    x[:, 3] = 7.25
+    got = channel_stats(torch.from_numpy(x.astype(np.float32))).numpy()
+    mean, std = got[:, :5], got[:, 5:]
+    assert np.isfinite(got).all() and (std >= 0).all()
+    assert np.abs(mean - x.mean(axis=(2, 3))).max() <= 1e-6 * 1000
+    assert np.abs(std[:, [0, 4]] - x[:, [0, 4]].std(axis=(2, 3))).max() <= 1e-5
+    rms = np.sqrt((x**2).mean(axis=(2, 3)))
+    assert (np.abs(std - x.std(axis=(2, 3))) <= 4e-4 * rms + 1e-6).all()  # at most ~sqrt(eps) x RMS
+    assert (std[:, 2] == 0).all()
 
 
 @pytest.mark.slow

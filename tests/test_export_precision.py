@@ -68,7 +68,7 @@ def test_fp16_parity_and_float32_head(trained, tmp_path):
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert convs and all(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
     # ... and every head tensor (sum of squares, norm, cosine, softmax) and every tensor of the
-    # early-stage statistics (means, centred squares, deviations) is float32
+    # early-stage statistics (means, sums of squares, deviations) is float32
     head = set(float32_island(model))
     assert set(downstream_nodes(model, FEATURE_TENSOR)) < head
     stats = head - set(downstream_nodes(model, FEATURE_TENSOR))

@@ -23,7 +23,8 @@ The numpy part is timed on the gated model's own outputs for the batch (p50 over
 `liverstage bench` times it. The reference for every share is the model without the gate, timed
 in the same run. The sessions use the runtime backends' settings (runtime/backends): ONNX Runtime
 with `--threads` intra-op threads, no spinning; OpenVINO with the latency hint, `--threads`
-inference threads and an explicit precision hint.
+inference threads, an explicit precision hint and, under bf16, the backend's tap on the early
+stage (backends/openvino.py `tap_early_stage`).
 
 Target (issue 11): the gate's cost <= 5 % of model-only time at batch 16.
 """
@@ -48,7 +49,7 @@ from liverstage.runtime.ood import OodGate
 
 GATE_OUTPUT = "early_stats"
 BLOCK = 10
-CONVOLUTIONS = ("Conv", "QLinearConv", "Convolution", "FusedConv", "NhwcFusedConv", "GroupConvolution")
+CONVOLUTIONS = ("Conv", "QLinearConv", "Convolution", "FusedConv", "NhwcFusedConv")  # the backbone's; not the bf16 tap (GroupConvolution)
 # backend -> (file: fp32 or int8, engine, OpenVINO precision hint)
 BACKENDS = {
     "onnx": ("fp32", "ort", None), "onnx-int8": ("int8", "ort", None),
@@ -89,10 +90,15 @@ class Session:
         else:
             import openvino as ov  # noqa: PLC0415
 
+            from liverstage.runtime.backends.openvino import tap_early_stage  # noqa: PLC0415
+
             core = ov.Core()
+            model = core.read_model(str(path))
+            if hint == "bf16":
+                tap_early_stage(model)  # as the runtime's OpenVINO backend compiles bf16
             config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                       "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": profile}
-            self._request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+            self._request = core.compile_model(model, "CPU", config).create_infer_request()
             self._per_kind: list[dict[str, float]] = []
 
             def run(x):

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from liverstage.runtime.model_meta import EARLY_TENSOR  # the runtime reads the stage by this name too
+
 FEATURE_TENSOR = "feature"
-EARLY_TENSOR = "early"
 GRAPH_OUTPUTS = ("cosine", "probs", "embedding", "early_stats")
 EXPORT_ONLY = (FEATURE_TENSOR, EARLY_TENSOR)
 # Below this a feature norm is treated as zero (an all-zero ReLU feature); float32 only.

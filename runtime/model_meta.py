@@ -19,6 +19,9 @@ METADATA_KEY = "liverstage"
 METADATA_FORMAT_VERSION = 1
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("cosine", "probs", "embedding", "early_stats")
+# The early stage's activation keeps this tensor name inside an exported graph (export/graph.py);
+# the OpenVINO backend reads the statistics through it under bf16 (backends/openvino.py).
+EARLY_TENSOR = "early"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

@@ -56,9 +56,16 @@ def write_case(case, folder: Path) -> tuple[Path, Path]:
     return vol, mask
 
 
-def open_gated(model: Path):
-    """The model's CPU backend, or None (and one line on stderr) for a model without a gate."""
-    backend = open_backend(model, device="cpu")
+def open_gated(model: Path, openvino: str | None = None):
+    """The model's CPU backend (ONNX Runtime, or OpenVINO at precision `openvino`: the gate is
+    measured on the backend that will run it), or None (and one line on stderr) for a model
+    without a gate."""
+    if openvino is not None:
+        from liverstage.runtime.backends.openvino import OpenVINOBackend  # noqa: PLC0415
+
+        backend = OpenVINOBackend(model, precision=openvino)
+    else:
+        backend = open_backend(model, device="cpu")
     if backend.metadata.ood is None:
         print(f"{model} carries no out-of-distribution gate: every result would be uncertain", file=sys.stderr)
         return None
@@ -163,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--select-kinds", default="noise,checkerboard,kidney",
                         help="kinds used to choose the sweep's setting; the others are held out")
+    parser.add_argument("--openvino", choices=("fp32", "bf16", "int8"), default=None,
+                        help="stage with OpenVINO at this precision (default: ONNX Runtime)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    backend = open_gated(args.model)
+    backend = open_gated(args.model, args.openvino)
     if backend is None:
         return 2
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                                     {k.strip() for k in args.select_kinds.split(",")},
                                     ks=(1, 5, 10, 20), rates=(0.02, 0.05, 0.10))
     fresh = result["fresh"]
-    print(f"model {args.model} (synthetic phantoms and public test files, not patients)")
+    print(f"model {args.model} on {backend.name} {backend.precision} (synthetic phantoms and public test files, not patients)")
     print(f"fresh in-distribution phantoms: {fresh['uncertain']} of {fresh['volumes']} flagged uncertain "
           f"({fresh['uncertain'] / fresh['volumes']:.1%}; target <= 2 %), {fresh['refused']} refused")
     total = caught = 0

@@ -283,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="an exported .onnx carrying a gate")
     parser.add_argument("--per-kind", type=int, default=6, help="volumes of each synthetic / phantom kind")
+    parser.add_argument("--openvino", choices=("fp32", "bf16", "int8"), default=None,
+                        help="stage with OpenVINO at this precision (default: ONNX Runtime)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
-    start, backend = time.perf_counter(), open_gated(args.model)
+    start, backend = time.perf_counter(), open_gated(args.model, args.openvino)
     if backend is None:
         return 2
     first, first_note = heldout_cases(args.per_kind)

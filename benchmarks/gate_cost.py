@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 
 from liverstage.runtime.backends import open_backend
+from liverstage.runtime.backends.openvino import import_openvino, openvino_installed, tap_early_stage
 from liverstage.runtime.model_meta import INPUT_NAME
 from liverstage.runtime.ood import OodGate
 
@@ -88,11 +89,7 @@ class Session:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.run = lambda x: self._session.run(None, {INPUT_NAME: x})
         else:
-            import openvino as ov  # noqa: PLC0415
-
-            from liverstage.runtime.backends.openvino import tap_early_stage  # noqa: PLC0415
-
-            core = ov.Core()
+            core = import_openvino().Core()  # without its telemetry, as the runtime imports it
             model = core.read_model(str(path))
             if hint == "bf16":
                 tap_early_stage(model)  # as the runtime's OpenVINO backend compiles bf16
@@ -201,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         parser.error(f"model not found: {args.model}")
     paths = {"fp32": args.model, "int8": args.int8_model or args.model.with_name(args.model.stem + ".int8.onnx")}
-    try:
-        import openvino  # noqa: F401, PLC0415
-    except ImportError:
+    if not openvino_installed():
         skipped = [n for n in names if BACKENDS[n][1] == "ov"]
         names = [n for n in names if BACKENDS[n][1] != "ov"]
         if skipped:

@@ -37,7 +37,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ import onnx
 
 from liverstage.runtime.backends import open_backend
 from liverstage.runtime.backends.openvino import import_openvino, openvino_installed, tap_early_stage
+from liverstage.runtime.bench import percentiles, time_calls
 from liverstage.runtime.model_meta import INPUT_NAME
 from liverstage.runtime.ood import OodGate
 
@@ -139,18 +139,12 @@ def measure(name: str, paths: dict[str, Path], stripped: dict[str, Path], batch:
         gated = Session(paths[kind], engine, hint, args.threads, profile)
         plain = Session(stripped[kind], engine, hint, args.threads, profile)
         for session in (gated, plain):
-            for _ in range(3):
-                session.run(batch)
+            time_calls(lambda: session.run(batch), warmup=3, iters=0)
         reps = args.reps if not profile else max(2, args.reps // 2)
         times: dict[str, list[list[float]]] = {"gated": [], "plain": []}
         for _ in range(reps):
             for label, session in (("gated", gated), ("plain", plain)):
-                block = []
-                for _ in range(BLOCK):
-                    start = time.perf_counter()
-                    session.run(batch)
-                    block.append(time.perf_counter() - start)
-                times[label].append(block)
+                times[label].append(time_calls(lambda: session.run(batch), warmup=0, iters=BLOCK))
         if not profile:
             gated_ms = float(np.median(np.concatenate(times["gated"]))) * 1e3
             plain_ms = float(np.median(np.concatenate(times["plain"]))) * 1e3
@@ -164,21 +158,14 @@ def measure(name: str, paths: dict[str, Path], stripped: dict[str, Path], batch:
     return result
 
 
-def numpy_part_ms(path: Path, batch: np.ndarray, threads: int, iters: int) -> float:
-    """p50 of the gate's numpy part on this batch's outputs of the gated model (runtime backend)."""
-    backend = open_backend(path, threads=threads)
-    gate = OodGate.from_metadata(backend.metadata, source=str(path))
+def numpy_part_ms(backend, batch: np.ndarray, iters: int) -> float:
+    """p50 of the gate's numpy part on this batch's outputs of the gated model (a runtime backend)."""
+    gate = OodGate.from_metadata(backend.metadata, source=str(backend.path))
     if gate is None:
-        raise SystemExit(f"{path}: carries no out-of-distribution gate")
+        raise SystemExit(f"{backend.path}: carries no out-of-distribution gate")
     outputs = backend.run(batch)
-    for _ in range(5):
-        gate.judge(gate.scores(outputs, batch))
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        gate.judge(gate.scores(outputs, batch))
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples)) * 1e3
+    samples = time_calls(lambda: gate.judge(gate.scores(outputs, batch)), warmup=5, iters=iters)
+    return percentiles(samples)["p50"] * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,14 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if BACKENDS[n][0] != "int8"]
         if skipped:
             print(f"skipped {', '.join(skipped)}: no int8 model {paths['int8']}", file=sys.stderr)
-    backend = open_backend(args.model, threads=args.threads)
-    size = backend.metadata.preprocess.crop_size
+    if not names:
+        parser.error("no backend left to measure")
+    needed = sorted({BACKENDS[n][0] for n in names})
+    gated = {kind: open_backend(paths[kind], threads=args.threads) for kind in needed}
+    size = gated[needed[0]].metadata.preprocess.crop_size
     batch = np.random.default_rng(0).standard_normal((args.batch, 1, size, size)).astype(np.float32)  # as `liverstage bench`
     rows = []
     with tempfile.TemporaryDirectory(prefix="liverstage-gate-cost-") as tmp:
-        needed = {BACKENDS[n][0] for n in names}
         stripped = {kind: without_gate_output(paths[kind], Path(tmp)) for kind in needed}
-        numpy_ms = {kind: numpy_part_ms(paths[kind], batch, args.threads, 50) for kind in needed}
+        numpy_ms = {kind: numpy_part_ms(gated[kind], batch, 50) for kind in needed}
         print(f"{args.model} ({size} px), batch {args.batch}, {args.threads} threads; shares of the model "
               f"without the gate, timed in this run")
         print(f"{'backend':14s} {'model ms':>9s} {'in-graph timed':>22s} {'profiled':>9s} {'numpy':>7s} "

@@ -66,6 +66,29 @@ def test_second_set_is_new_kinds_with_its_own_seed(heldout):
         heldout.second_set_cases(0)
 
 
+def test_third_set_is_new_kinds_with_its_own_seed(heldout):
+    from liverstage.export.ood_sets import KINDS  # noqa: PLC0415
+
+    cases, note = heldout.third_set_cases(2)
+    kinds = {c.kind for c in cases}
+    earlier = set(KINDS) | set(heldout.COUNTED + heldout.APART + heldout.SECOND_COUNTED + heldout.SECOND_APART)
+    assert not kinds & earlier
+    assert kinds <= set(heldout.THIRD_COUNTED + heldout.THIRD_APART)
+    assert kinds >= {"row_grating", "voronoi", "siemens_star", "blocky_noise", "upside_down", "blurred"}
+    assert len(set(heldout.SEEDS.values())) == len(heldout.SETS)
+    if note is None:  # every pydicom file decoded here
+        assert kinds == set(heldout.THIRD_COUNTED + heldout.THIRD_APART)
+    for case in cases:
+        assert case.data.ndim == 3 and case.data.shape == case.region.shape, case.name
+        assert np.isfinite(case.data).all() and case.region.any(), case.name
+    # the gratings vary along one in-plane axis only: the first for index 0, the second for index 1
+    gratings = [c.data for c in cases if c.kind == "row_grating"]
+    assert np.ptp(gratings[0][:, 0, 0]) > 0 and np.ptp(gratings[0][0, :, 0]) == 0
+    assert np.ptp(gratings[1][0, :, 0]) > 0 and np.ptp(gratings[1][:, 0, 0]) == 0
+    with pytest.raises(ValueError, match="positive integer"):
+        heldout.third_set_cases(0)
+
+
 def test_runs_through_predict_and_flags_noise(heldout, gated_model, tmp_path, capsys):
     out = tmp_path / "heldout.json"
     assert heldout.main(["--model", str(gated_model), "--per-kind", "1", "--json", str(out)]) == 0
@@ -83,10 +106,10 @@ def test_runs_through_predict_and_flags_noise(heldout, gated_model, tmp_path, ca
         assert figures["sets"][set_name]["caught"] == caught, set_name
         assert figures["sets"][set_name]["volumes"] == sum(s["volumes"] for s in counted), set_name
         assert f"{set_name} set's not-liver volumes flagged or refused: {caught} of " in printed
-    both = figures["sets"]["first"]["caught"] + figures["sets"]["second"]["caught"]
-    volumes = figures["sets"]["first"]["volumes"] + figures["sets"]["second"]["volumes"]
-    assert figures["detection"] == pytest.approx(both / volumes)
-    assert f"both sets: {both} of {volumes} " in printed
+    caught = sum(figures["sets"][name]["caught"] for name in heldout.SETS)
+    volumes = sum(figures["sets"][name]["volumes"] for name in heldout.SETS)
+    assert figures["detection"] == pytest.approx(caught / volumes)
+    assert f"all sets: {caught} of {volumes} " in printed
 
 
 def test_a_model_without_gate_is_refused(heldout, tiny_model, capsys):

@@ -143,6 +143,36 @@ def test_channel_stats_one_pass_is_accurate():
     assert (std[:, 2] == 0).all()
 
 
+def test_early_row_step_keeps_at_least_the_minimum_rows():
+    from liverstage.export.graph import EARLY_MIN_ROWS, early_row_step
+
+    assert [early_row_step(h) for h in (1, 16, 55, 56, 64, 111, 112, 224, 225)] == [1, 1, 1, 2, 2, 2, 4, 8, 8]
+    for height in range(1, 300):
+        step = early_row_step(height)
+        assert step & (step - 1) == 0  # a power of two
+        assert step == 1 or height // step >= EARLY_MIN_ROWS  # leaves enough rows
+        assert height // (2 * step) < EARLY_MIN_ROWS  # the largest step that does
+    with pytest.raises(ValueError, match="height"):
+        early_row_step(0)
+
+
+def test_channel_stats_read_every_step_th_row():
+    """A 224-px crop's 56-row stage is read at rows 0, 2, ..., 54 and a 448-px crop's 112 rows at
+    0, 4, ..., 108 (numpy's statistics of exactly those rows); a 16-row stage (64 px) is read
+    whole."""
+    from liverstage.export.graph import channel_stats
+
+    rng = np.random.default_rng(5)
+    for height, step in ((112, 4), (56, 2), (16, 1)):
+        x = np.abs(rng.standard_normal((3, 4, height, 20))).astype(np.float32)
+        x[:, :, 1::2] += 5.0  # odd rows bright: reading them would move every mean
+        x[:, :, 2::4] += 3.0  # and rows 2, 6, ...: reading every 4th row where every 2nd is due would too
+        got = channel_stats(torch.from_numpy(x)).numpy()
+        rows = x[:, :, ::step].astype(np.float64)
+        want = np.concatenate([rows.mean(axis=(2, 3)), rows.std(axis=(2, 3))], axis=1)
+        assert np.abs(got - want).max() <= 1e-4
+
+
 @pytest.mark.slow
 def test_onnx_export_vgg16(crops):
     from liverstage.train.model import build_model

@@ -357,6 +357,39 @@ def test_bf16_tap_rewires_only_the_statistics(tiny_model, tmp_path):
     assert ov_backend.tap_early_stage(core.read_model(str(tmp_path / "renamed.onnx"))) == 0
 
 
+def test_bf16_tap_goes_after_the_row_slice(tmp_path):
+    """A stage read at every 2nd row (224 px: 56 rows, export/graph.py early_row_step) gets its tap
+    between the row slice and the reductions, so it convolves only the rows read; compiled in f32
+    the tapped model gives the untapped one's outputs."""
+    torch = pytest.importorskip("torch")
+    import onnx  # noqa: PLC0415
+
+    from liverstage.export.graph import InferenceGraph  # noqa: PLC0415
+    from liverstage.export.onnx_export import export_fp32  # noqa: PLC0415
+    from liverstage.train.model import build_model  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", "amcl").eval()
+    path = tmp_path / "r18_224.onnx"
+    onnx.save(export_fp32(InferenceGraph(net, scale=net.scale), crop_size=224), str(path))
+    core = ov_backend.import_openvino().Core()
+    tapped = core.read_model(str(path))
+    assert ov_backend.tap_early_stage(tapped) == 2  # ReduceMean and ReduceL2
+    taps = [op for op in tapped.get_ops() if op.get_type_name() == "GroupConvolution"]
+    assert len(taps) == 1
+    fed_by = taps[0].input(0).get_source_output()
+    assert fed_by.get_node().get_type_name() in ov_backend.ROW_SLICES
+    assert list(fed_by.get_partial_shape()[2:].to_shape()) == [28, 56]  # 28 of the stage's 56 rows
+    readers = {t.get_node().get_type_name() for t in taps[0].output(0).get_target_inputs()}
+    assert readers == {"ReduceMean", "ReduceL2"}
+    images = np.abs(_images(2, 224))
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    got = core.compile_model(tapped, "CPU", config)({"image": images})
+    want = core.compile_model(core.read_model(str(path)), "CPU", config)({"image": images})
+    for name in ("cosine", "probs", "embedding", "early_stats"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
 @needs_bf16
 def test_bf16_keeps_the_early_stage_in_bf16(tmp_path):
     """Under bf16 the ResNet stage that feeds the statistics runs in bf16 end to end (the stem's

@@ -61,14 +61,17 @@ def early_row_step(height: int) -> int:
 
 def channel_stats(x: torch.Tensor) -> torch.Tensor:
     """[N, E, H, W] -> [N, 2E]: each channel's mean and population standard deviation over the
-    stage, read at every `early_row_step(H)`-th row, in one pass over those rows: the mean
-    (ReduceMean) and the root of the sum of squares (ReduceL2) read them side by side, and
-    std = sqrt(max(E[x^2] - mean^2, 0)).
+    stage, read at every `early_row_step(H)`-th row, from two means of the rows read: of the
+    values (ReduceMean) and of their squares (Mul, ReduceMean), std = sqrt(max(E[x^2] - mean^2, 0)).
 
-    Why one pass: the two-pass form (mean, then the mean of the centred squares) made two
-    temporaries the size of the stage's activation, and on the CPU backends that was most of
-    the statistics' cost: measured by per-node profiles at batch 16 (ResNet18 224 px, demo
-    model), ONNX Runtime int8 4.4 -> 3.3 ms, OpenVINO int8 5.4 -> 2.4 ms (docs/architecture.md).
+    Why this form: the two-pass one (mean, then the mean of the centred squares) made two
+    temporaries the size of the stage's activation, and on the CPU backends that was most of the
+    statistics' cost (per-node profiles at batch 16, ResNet18 224 px, demo model: ONNX Runtime
+    int8 4.4 -> 3.3 ms, OpenVINO int8 5.4 -> 2.4 ms with one pass, docs/architecture.md). The
+    sum of squares then came from a root sum of squares (ReduceL2) and that kernel of ONNX
+    Runtime is slow: on the 224-px stage's rows read ([16, 64, 28, 56], 2 threads) ReduceL2 took
+    0.69 ms where Mul + ReduceMean took 0.25 ms and ReduceMean alone 0.10 ms (0.11 / 0.07 / 0.04
+    ms on the 64-px stage), so the squares are made once and averaged by the fast kernel.
     Why it stays accurate: the statistics are float32 in every precision
     (onnx_export.float32_island), so the cancellation in E[x^2] - mean^2 leaves an error in the
     deviation of at most about sqrt(float32 epsilon) = 3.5e-4 times the channel's root mean
@@ -77,10 +80,9 @@ def channel_stats(x: torch.Tensor) -> torch.Tensor:
     step = early_row_step(int(x.shape[2]))
     if step > 1:
         x = x[:, :, ::step, :]
-    count = float(x.shape[2] * x.shape[3])
     mean = x.mean(dim=(2, 3))
-    root_sum_squares = torch.linalg.vector_norm(x, ord=2, dim=(2, 3))
-    variance = root_sum_squares * root_sum_squares / count - mean * mean
+    mean_square = (x * x).mean(dim=(2, 3))
+    variance = mean_square - mean * mean
     return torch.cat([mean, torch.sqrt(torch.clamp(variance, min=0.0))], dim=1)
 
 

@@ -60,9 +60,9 @@ def to_int8(model: onnx.ModelProto, calibration_images: np.ndarray) -> onnx.Mode
         prepared = Path(tmp) / "prepared.onnx"
         quantised = Path(tmp) / "int8.onnx"
         onnx.save_model(model, source)
-        # ONNX's own shape inference, not ONNX Runtime's symbolic one: the symbolic one has no
-        # rule for ReduceL2 (graph.channel_stats) and fails on it; the only dynamic dimension
-        # here is the batch, which ONNX's inference carries as the named dimension N.
+        # ONNX's own shape inference, not ONNX Runtime's symbolic one: the symbolic one lacks
+        # rules for some reductions (it failed on the ReduceL2 graph.channel_stats once used);
+        # the only dynamic dimension here is the batch, which ONNX's inference carries as N.
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         prepared_model = onnx.load_model(prepared)
         ensure_node_names(prepared_model)

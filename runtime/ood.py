@@ -244,6 +244,26 @@ def one_blas_thread() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
+# Up to this k the k-th largest value is found by removing each row's maximum k - 1 times.
+REMOVE_MAXIMA_UP_TO_K = 16
+
+
+def kth_largest_inplace(values: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k-th largest value of a [N, K] float array (ties counted: the value
+    np.partition puts at K - k); `values` is overwritten.
+
+    Why not np.partition: for the gate's k (5) it sorts far more than it needs to. Setting each
+    row's maximum to -inf k - 1 times and taking the maximum gives the same value, bit for bit,
+    in 14 us on the demo's [16, 782] similarities, where np.partition took 49 us (three times per
+    batch). The inputs are finite: predict refuses a batch whose model outputs are not."""
+    if k > REMOVE_MAXIMA_UP_TO_K:
+        return np.partition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k]
+    rows = np.arange(len(values))
+    for _ in range(k - 1):
+        values[rows, values.argmax(axis=1)] = -np.inf
+    return values.max(axis=1)
+
+
 def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k: int,
                  exclude: np.ndarray | None = None) -> np.ndarray:
     """Euclidean distance from each query row to its k-th nearest bank row (float64).
@@ -256,7 +276,8 @@ def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k
     d2 = np.einsum("ij,ij->i", q, q)[:, None] + bank_sq[None, :] - 2.0 * matmul(q, bank_t)
     if exclude is not None:
         d2[exclude] = np.inf
-    kth = np.partition(d2, k - 1, axis=1)[:, k - 1]
+    np.negative(d2, out=d2)  # the k-th smallest squared distance is the k-th largest of its negation
+    kth = -kth_largest_inplace(d2, k)
     return np.sqrt(np.maximum(kth.astype(np.float64), 0.0))
 
 
@@ -356,8 +377,7 @@ class OodGate:
         sims = matmul(matmul(rows, self.bases[part]), self._sphere_banks_t[part])
         if exclude is not None:
             sims[exclude] = -np.inf
-        kth_largest = sims.shape[1] - self.k[part]  # the k-th largest cosine, by its index in ascending order
-        kth = np.partition(sims, kth_largest, axis=1)[:, kth_largest]
+        kth = kth_largest_inplace(sims, self.k[part])
         return np.sqrt(np.clip(2.0 - 2.0 * kth.astype(np.float64), 0.0, 4.0))
 
     def scores(self, outputs: dict[str, np.ndarray], images: np.ndarray, *,

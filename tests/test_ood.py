@@ -102,6 +102,21 @@ def test_the_volume_median_is_numpys():
         assert _median(values) == float(np.median(values))
 
 
+def test_kth_largest_is_numpys_partition_value():
+    from liverstage.runtime.ood import REMOVE_MAXIMA_UP_TO_K, kth_largest_inplace
+
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        width = int(rng.integers(1, 60))
+        values = rng.integers(-3, 4, size=(int(rng.integers(1, 9)), width)).astype(np.float32)  # many ties
+        if trial % 3 == 0:
+            values[rng.random(values.shape) < 0.3] = -np.inf  # excluded bank rows (export)
+        k = int(rng.integers(1, width + 1))
+        expected = np.partition(values, width - k, axis=1)[:, width - k]
+        assert np.array_equal(kth_largest_inplace(values.copy(), k), expected), (trial, k)
+    assert REMOVE_MAXIMA_UP_TO_K < 59  # both branches were exercised above
+
+
 def test_gate_payload_for_resnet50_outputs():
     """ResNet50's 2048-d embedding and 512 early statistics (256 channels of layer1): each bank is
     stored in 64 principal directions, far below 4 MB."""

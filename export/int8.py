@@ -97,7 +97,7 @@ def stats_from_quantised_stage(model: onnx.ModelProto) -> onnx.ModelProto:
     2 threads, per-node profiles: DequantizeLinear +1.2-1.4 ms of the model's 75-79 ms; paired
     with the same model quantised without this rewrite, benchmarks/gate_cost.py --int8-model,
     the gate's profiled total 4.0-4.1 % -> 3.3-3.8 % of the model on ONNX Runtime, 3.1-3.5 %
-    either way on OpenVINO, which fuses the DequantizeLinear itself).
+    either way on OpenVINO).
     The variance is shift-invariant, so the zero point is not subtracted from every code.
     Accuracy: the codes (0-255) and their squares are exact in float32 and the zero point and
     scale are applied once, so the statistics differ from the dequantised form only by the

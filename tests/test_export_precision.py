@@ -119,8 +119,8 @@ def check_statistics_read_the_codes(model: onnx.ModelProto, crops: np.ndarray) -
     float64 from the codes, the scale and the zero point."""
     import onnxruntime as ort
 
-    head = set(upstream_nodes(model, "cosine"))
-    stats = [n for n in model.graph.node if n.name in set(upstream_nodes(model, "early_stats")) - head]
+    stats_only = set(upstream_nodes(model, "early_stats")) - set(upstream_nodes(model, "cosine"))
+    stats = [n for n in model.graph.node if n.name in stats_only]
     assert "DequantizeLinear" not in [n.op_type for n in stats]
     casts = [n for n in stats if n.op_type == "Cast"]
     assert len(casts) == 1, [n.op_type for n in stats]

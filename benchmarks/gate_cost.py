@@ -45,10 +45,9 @@ import onnx
 from liverstage.runtime.backends import open_backend
 from liverstage.runtime.backends.openvino import import_openvino, openvino_installed, tap_early_stage
 from liverstage.runtime.bench import percentiles, time_calls
-from liverstage.runtime.model_meta import INPUT_NAME
+from liverstage.runtime.model_meta import EARLY_STATS_OUTPUT, INPUT_NAME
 from liverstage.runtime.ood import OodGate
 
-GATE_OUTPUT = "early_stats"
 BLOCK = 10
 CONVOLUTIONS = ("Conv", "QLinearConv", "Convolution", "FusedConv", "NhwcFusedConv")  # the backbone's; not the bf16 tap (GroupConvolution)
 # backend -> (file: fp32 or int8, engine, OpenVINO precision hint)
@@ -61,11 +60,11 @@ BACKENDS = {
 def without_gate_output(path: Path, folder: Path) -> Path:
     """The model with `early_stats` and every node only it needs removed, saved in `folder`."""
     model = onnx.load(str(path))
-    outputs = [o.name for o in model.graph.output if o.name != GATE_OUTPUT]
+    outputs = [o.name for o in model.graph.output if o.name != EARLY_STATS_OUTPUT]
     if len(outputs) == len(model.graph.output):
-        raise SystemExit(f"{path}: has no {GATE_OUTPUT} output (exported before the gate's early part)")
+        raise SystemExit(f"{path}: has no {EARLY_STATS_OUTPUT} output (exported before the gate's early part)")
     cut = onnx.utils.Extractor(model).extract_model([i.name for i in model.graph.input], outputs)
-    out = folder / f"{path.stem}.without-{GATE_OUTPUT}.onnx"
+    out = folder / f"{path.stem}.without-{EARLY_STATS_OUTPUT}.onnx"
     onnx.save(cut, str(out))
     return out
 

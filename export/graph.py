@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from liverstage.runtime.model_meta import EARLY_TENSOR  # the runtime reads the stage by this name too
+from liverstage.runtime.model_meta import EARLY_TENSOR, OUTPUT_NAMES  # the runtime reads the stage by this name too
 
 FEATURE_TENSOR = "feature"
-GRAPH_OUTPUTS = ("cosine", "probs", "embedding", "early_stats")
+GRAPH_OUTPUTS = OUTPUT_NAMES
 EXPORT_ONLY = (FEATURE_TENSOR, EARLY_TENSOR)
 # Below this a feature norm is treated as zero (an all-zero ReLU feature); float32 only.
 NORM_EPS = 1e-12

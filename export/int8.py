@@ -22,11 +22,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from liverstage.runtime.model_meta import INPUT_NAME
+from liverstage.runtime.model_meta import EARLY_STATS_OUTPUT, INPUT_NAME
 
 from .onnx_export import ensure_node_names, float32_island, upstream_nodes
-
-STATS_OUTPUT = "early_stats"
 
 
 class CropReader:
@@ -108,7 +106,7 @@ def stats_from_quantised_stage(model: onnx.ModelProto) -> onnx.ModelProto:
     producer = {out: node for node in graph.node for out in node.output}
     initialisers = {tensor.name: tensor for tensor in graph.initializer}
     stats_nodes, dequantise = [], None
-    pending, seen = [STATS_OUTPUT], set()
+    pending, seen = [EARLY_STATS_OUTPUT], set()
     while pending:  # back from early_stats to the stage's DequantizeLinear
         node = producer.get(pending.pop())
         if node is None or node.name in seen:
@@ -126,7 +124,7 @@ def stats_from_quantised_stage(model: onnx.ModelProto) -> onnx.ModelProto:
     if dequantise is None:
         raise ValueError("the early-stage statistics do not read a quantised stage (no DequantizeLinear)")
     shared = {node.name for node in stats_nodes} & {
-        name for output in graph.output if output.name != STATS_OUTPUT for name in upstream_nodes(model, output.name)}
+        name for output in graph.output if output.name != EARLY_STATS_OUTPUT for name in upstream_nodes(model, output.name)}
     if shared:
         raise ValueError(f"the early-stage statistics share nodes with the other outputs: {sorted(shared)[:3]}")
     codes, scale_name, zero_name = (list(dequantise.input) + [""])[:3]
@@ -170,7 +168,7 @@ def stats_from_quantised_stage(model: onnx.ModelProto) -> onnx.ModelProto:
                          ["early_codes_centred"], name="early_codes_centre"),
         helper.make_node("Mul", ["early_codes_centred", "early_stage_scale"],
                          ["early_codes_mean_scaled"], name="early_codes_mean_scaled"),
-        helper.make_node("Concat", ["early_codes_mean_scaled", "early_codes_std_scaled"], [STATS_OUTPUT], axis=1,
+        helper.make_node("Concat", ["early_codes_mean_scaled", "early_codes_std_scaled"], [EARLY_STATS_OUTPUT], axis=1,
                          name="early_codes_concat"),
     ]
     removed = {node.name for node in stats_nodes}

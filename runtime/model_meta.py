@@ -18,7 +18,9 @@ from .stages import STAGES
 METADATA_KEY = "liverstage"
 METADATA_FORMAT_VERSION = 1
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("cosine", "probs", "embedding", "early_stats")
+# The early stage's per-channel statistics, read only by the out-of-distribution gate (runtime/ood.py).
+EARLY_STATS_OUTPUT = "early_stats"
+OUTPUT_NAMES = ("cosine", "probs", "embedding", EARLY_STATS_OUTPUT)
 # The early stage's activation keeps this tensor name inside an exported graph (export/graph.py);
 # the OpenVINO backend reads the statistics through it under bf16 (backends/openvino.py).
 EARLY_TENSOR = "early"

@@ -63,11 +63,12 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError
+from .model_meta import EARLY_STATS_OUTPUT
 
 GATE_METHOD = "knn-embedding+knn-early+knn-image"
 GATE_FORMAT_VERSION = 2
 PARTS = ("embedding", "early", "image")
-SPHERE_PARTS = {"embedding": "embedding", "early": "early_stats"}  # part -> the model output it reads
+SPHERE_PARTS = {"embedding": "embedding", "early": EARLY_STATS_OUTPUT}  # part -> the model output it reads
 NO_GATE_REASON = "the model carries no out-of-distribution gate; re-export it with this liverstage"
 NORM_EPS = 1e-12
 BASIS_DIM = 64

@@ -125,7 +125,9 @@ def write_dicom_series(folder: Path, data: np.ndarray, spacing: list[float]) -> 
         ds.PatientID, ds.PatientName, ds.Modality = "PHANTOM", "Phantom^NotAPatient", "MR"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]  # a series the rules stage: mutations reach the reader
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        # Columns run to the patient's right and rows to the anterior (LPS -x, -y): the canonical
+        # array as stored, the liver where a scanner puts it (with 1\0\0\0\1\0 it was mirrored).
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
         ds.ImagePositionPatient = [0.0, 0.0, round(k * spacing[2], 4)]
         ds.PixelSpacing = [round(spacing[1], 4), round(spacing[0], 4)]
         ds.SliceThickness = round(spacing[2], 4)

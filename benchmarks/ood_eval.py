@@ -8,7 +8,9 @@ in-distribution phantoms flagged <= 2 %.
 
 1. Fresh in-distribution volumes: `--fresh N` phantoms of a new seed, generated like the demo's
    cohort (`--in-plane`, `--slices`), each staged from its file with its liver mask. A volume
-   flagged uncertain is a false alarm; one refused is counted apart (it should never happen).
+   flagged uncertain is a false alarm (by the gate or by the region's side of the body,
+   runtime/laterality.py: both are counted, the side's apart as well); one refused is counted
+   apart (it should never happen).
 2. Far-out-of-distribution volumes (export/ood_sets.py: noise, blank and smooth fields,
    gradients, checkerboards, inverted contrast, other organs of phantoms, real brain MRI and
    other MR/CT files shipped with nibabel and pydicom), `--per-kind` of each synthetic kind,
@@ -38,6 +40,7 @@ import numpy as np
 
 from liverstage.export.ood_sets import KINDS, far_ood_cases
 from liverstage.runtime.backends import open_backend
+from liverstage.runtime.laterality import side_reason
 from liverstage.runtime.manifest import read_manifest
 from liverstage.runtime.predict import Predictor
 
@@ -82,7 +85,8 @@ def stage_all(backend, pairs: list[tuple[Path, Path]]) -> list[dict]:
             continue
         r = run.results[0]
         rows.append({"input": str(vol), "outcome": "uncertain" if r.verdict.uncertain else "staged",
-                     "score": r.verdict.ood.score, "crops": len(r.slices)})
+                     "score": r.verdict.ood.score, "crops": len(r.slices),
+                     "left_side": side_reason(r.region_side) is not None})
     return rows
 
 
@@ -96,7 +100,8 @@ def fresh_phantoms(folder: Path, n: int, in_plane: int, slices: int, *, seed: in
 def summarise(rows: list[dict]) -> dict:
     n = len(rows)
     count = {k: sum(r["outcome"] == k for r in rows) for k in ("staged", "uncertain", "refused")}
-    return {"volumes": n, **count}
+    left = sum(bool(r.get("left_side")) for r in rows)  # uncertain (also) by the region's side
+    return {"volumes": n, **count, "left_side": left}
 
 
 def sweep(model: Path, checkpoint: Path, cases, fresh_pairs, select: set[str], *, ks, rates) -> list[dict]:
@@ -201,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     fresh = result["fresh"]
     print(f"model {args.model} on {backend.name} {backend.precision} (synthetic phantoms and public test files, not patients)")
     print(f"fresh in-distribution phantoms: {fresh['uncertain']} of {fresh['volumes']} flagged uncertain "
-          f"({fresh['uncertain'] / fresh['volumes']:.1%}; target <= 2 %), {fresh['refused']} refused")
+          f"({fresh['uncertain'] / fresh['volumes']:.1%}; target <= 2 %; {fresh['left_side']} by the region's side), "
+          f"{fresh['refused']} refused")
     total = caught = 0
     for kind, s in result["far_ood"].items():
         hit = s["uncertain"] + s["refused"]

@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             s["lowest_score"] = min(scores) if scores else None
             summary[kind] = s
             low = f"lowest volume score {s['lowest_score']:.2f}" if scores else "all refused"
-            print(f"  {kind:<15} {hit:>3} of {s['volumes']:>3} flagged or refused ({s['refused']} refused; {low})"
+            side = f"; {s['left_side']} by the region's side" if s["left_side"] else ""
+            print(f"  {kind:<15} {hit:>3} of {s['volumes']:>3} flagged or refused ({s['refused']} refused{side}; {low})"
                   + ("   [reported apart]" if kind in apart else ""))
             if kind not in apart:
                 total, caught = total + s["volumes"], caught + hit

@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import Volume, load_volume
+from .laterality import region_side
 from .roi import resolve_region
 from .spec import PreprocessSpec
 
@@ -51,6 +52,7 @@ class CropSet:
     region_voxels: int
     warnings: tuple[str, ...] = ()
     intensity_range: tuple[float, float] = (0.0, 1.0)  # raw values mapped to 0 and 1
+    region_side: float | None = None  # the region's side of the body's midline (runtime/laterality.py)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -230,6 +232,7 @@ def make_crops(volume: Volume, region: np.ndarray, spec: PreprocessSpec) -> Crop
         region_voxels=n_region,
         warnings=tuple(volume.warnings),
         intensity_range=(lo, hi),
+        region_side=region_side(volume, region),
     )
 
 

@@ -23,8 +23,9 @@ Each bad input becomes an entry in `errors`; the others are still staged.
 
 Every staged volume also gets the verdict of the model's out-of-distribution gate
 (runtime/ood.py, from `backend.metadata.ood`): crops that do not look like the training crops
-make the volume `uncertain`. A model without a gate makes every volume uncertain. The gate never
-changes a stage or a probability.
+make the volume `uncertain`. A model without a gate makes every volume uncertain. So does a liver
+region on the patient's left of the body's midline (runtime/laterality.py), which no crop shows.
+Neither ever changes a stage or a probability.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from .aggregate import VolumeStage, aggregate
 from .errors import InputError, LiverstageError
 from .io import NIFTI_SUFFIXES, load_volume
 from .model_meta import OUTPUT_NAMES
-from .ood import NO_GATE, CropScores, OodGate
+from .laterality import side_reason
+from .ood import NO_GATE, CropScores, OodGate, OodVerdict
 
 MASK_AND_BOX = "--mask/--mask-dir, --bbox and --roi are alternatives; give one of them"
 
@@ -69,6 +71,7 @@ class VolumeResult:
     dicom_files: tuple[Path, ...] = ()   # the staged series' instance files in slice order (DICOM only)
     series: dict | None = None           # the staged series (dicom_study.series_record); None for NIfTI
     ood_scores: CropScores | None = None  # per crop; None when the model has no gate
+    region_side: float | None = None     # the region's side of the body's midline (runtime/laterality.py)
 
 
 @dataclasses.dataclass
@@ -89,6 +92,7 @@ class _Prepared:
     preview: Preview | None
     dicom_files: tuple[Path, ...] = ()
     series: dict | None = None
+    region_side: float | None = None
 
 
 def _is_nifti(path: Path) -> bool:
@@ -166,6 +170,16 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def with_side(verdict: OodVerdict, side: float | None) -> OodVerdict:
+    """The gate's verdict, made uncertain where the liver region lies on the patient's left
+    (runtime/laterality.py: a check no crop can make); its reason comes first."""
+    reason = side_reason(side)
+    if reason is None:
+        return verdict
+    return dataclasses.replace(verdict, uncertain=True,
+                               reason=reason if verdict.reason is None else f"{reason}; and {verdict.reason}")
+
+
 class Predictor:
     """Holds the backend and the ROI options; `run(inputs)` stages them all."""
 
@@ -239,7 +253,8 @@ class Predictor:
                 warnings.append(w)
         return _Prepared(input=str(path), images=crops.images, slices=np.asarray(crops.slices),
                          boxes=np.asarray(crops.boxes), timing={"load": t1 - t0, "preprocess": t2 - t1},
-                         warnings=warnings, preview=preview, dicom_files=tuple(dicom_files), series=series)
+                         warnings=warnings, preview=preview, dicom_files=tuple(dicom_files), series=series,
+                         region_side=crops.region_side)
 
     # -- stage 2 (caller's thread): inference + aggregation -------------------------------------
     def infer(self, prepared: _Prepared) -> VolumeResult:
@@ -256,7 +271,8 @@ class Predictor:
             raise InputError(f"{prepared.input}: the model returned NaN or Inf")
         t1 = time.perf_counter()
         scores = self.gate.scores(outputs, prepared.images) if self.gate is not None else None
-        verdict = aggregate(probs_arr, ood=self.gate.judge(scores) if scores is not None else NO_GATE)
+        ood = with_side(self.gate.judge(scores) if scores is not None else NO_GATE, prepared.region_side)
+        verdict = aggregate(probs_arr, ood=ood)
         t2 = time.perf_counter()
         timing = dict(prepared.timing)
         timing["inference"] = t1 - t0
@@ -265,7 +281,7 @@ class Predictor:
         return VolumeResult(input=prepared.input, verdict=verdict, slices=prepared.slices, boxes=prepared.boxes,
                             probs=probs_arr, cosine=cos_arr, timing=timing, warnings=list(prepared.warnings),
                             preview=prepared.preview, dicom_files=prepared.dicom_files, series=prepared.series,
-                            ood_scores=scores)
+                            ood_scores=scores, region_side=prepared.region_side)
 
     def run(self, inputs: Iterable[str | Path], *,
             on_result: Callable[[VolumeResult | None, str, str | None], None] | None = None) -> PredictRun:

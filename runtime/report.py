@@ -4,7 +4,7 @@ Report schema (every file is written atomically):
     {"liverstage_version",
      "model": {"path", "sha256", "backend", "precision"},
      "results": [{"input", "stage", "stage_name", "probabilities": {"A", "B", "C"}, "uncertain",
-                  "uncertain_reason", "ood_score", "ood_threshold",
+                  "uncertain_reason", "ood_score", "ood_threshold", "region_side",
                   "crops": [{"slice", "bbox", "probabilities", "max_cosine", "ood_score"}],
                   "timing_s": {"load", "preprocess", "inference", "ood", "total"}, "warnings": [...],
                   "series": {...} (DICOM inputs only: the staged series, `dicom_study.series_record`)}],
@@ -14,7 +14,9 @@ in the volume's closest-canonical (RAS) voxel grid, which is what the crops were
 `stage` and `probabilities` are the model's answer whatever the gate says; read them as a stage
 only where `uncertain` is false. `ood_score` (volume: the median of its crops') is the
 out-of-distribution gate's score, above `ood_threshold` (1) atypical; both are null for a model
-without a gate, whose results are all uncertain (runtime/ood.py).
+without a gate, whose results are all uncertain (runtime/ood.py). `region_side` is the liver
+region's centroid relative to the body's midline in half body widths, positive on the patient's
+right; below 0 the result is uncertain; null where the midline is unknown (runtime/laterality.py).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def result_to_dict(result: "VolumeResult") -> dict[str, Any]:
         "uncertain_reason": ood.reason,
         "ood_score": None if ood.score is None else _r(ood.score),
         "ood_threshold": ood.threshold,
+        "region_side": None if result.region_side is None else _r(result.region_side),
         "crops": crops,
         "timing_s": {k: _r(v, 4) for k, v in result.timing.items()},
         "warnings": list(result.warnings),

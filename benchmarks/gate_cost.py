@@ -167,8 +167,11 @@ def numpy_part_ms(backend, batch: np.ndarray, iters: int) -> float:
     return percentiles(samples)["p50"] * 1e3
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_command_line(argv: list[str] | None, description: str) -> tuple[argparse.Namespace, list[str], dict[str, Path]]:
+    """The options this script and gate_in_graph.py share: (args, the backends to measure, the
+    model path per kind: fp32, int8). Backends that cannot run here are skipped with a line on
+    stderr (OpenVINO not installed, no int8 model)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", type=Path, required=True, help="exported fp32 model X.onnx (X.int8.onnx beside it for int8)")
     parser.add_argument("--int8-model", type=Path, default=None, help="the int8 model (default: X.int8.onnx)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"any of {', '.join(BACKENDS)}")
@@ -196,6 +199,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped {', '.join(skipped)}: no int8 model {paths['int8']}", file=sys.stderr)
     if not names:
         parser.error("no backend left to measure")
+    return args, names, paths
+
+
+def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The figures as JSON at --json (atomically), if it was given."""
+    if args.json is not None:
+        from liverstage.runtime.atomic import write_json  # noqa: PLC0415
+
+        write_json(args.json, {"model": str(args.model), "batch": args.batch, "threads": args.threads, "rows": rows})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, names, paths = parse_command_line(argv, __doc__.split("\n\n")[0])
     needed = sorted({BACKENDS[n][0] for n in names})
     gated = {kind: open_backend(paths[kind], threads=args.threads) for kind in needed}
     size = gated[needed[0]].metadata.preprocess.crop_size
@@ -221,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':14s} profiled, largest changes (ms): "
                   + ", ".join(f"{k} {d:+.3f}" for k, d in row["in_graph_changes"][:3] + row["in_graph_changes"][-1:]))
             rows.append(row)
-    if args.json is not None:
-        from liverstage.runtime.atomic import write_json  # noqa: PLC0415
-
-        write_json(args.json, {"model": str(args.model), "batch": args.batch, "threads": args.threads, "rows": rows})
+    write_report(args, rows)
     return 0
 
 

@@ -131,30 +131,45 @@ def in_graph_profiled(with_gate: dict[str, float], without: dict[str, float]) ->
     return sum(d for d, _ in counted), counted
 
 
-def measure(name: str, paths: dict[str, Path], stripped: dict[str, Path], batch: np.ndarray, args) -> dict:
-    kind, engine, hint = BACKENDS[name]
-    result: dict = {"backend": name}
+def timed_and_profiled(name: str, models: dict[str, Path], batch: np.ndarray, args) -> tuple[dict, dict]:
+    """On backend `name`, the models (label -> path) run alternately in blocks of BLOCK runs,
+    `--reps` times: per label, its blocks' times (s), and from a second, profiling pass its
+    median time per operator kind (ms; `Session.profile_ms`)."""
+    _, engine, hint = BACKENDS[name]
+    times: dict[str, list[np.ndarray]] = {}
+    profiles: dict[str, dict[str, float]] = {}
     for profile in (False, True):
-        gated = Session(paths[kind], engine, hint, args.threads, profile)
-        plain = Session(stripped[kind], engine, hint, args.threads, profile)
-        for session in (gated, plain):
+        sessions = {label: Session(path, engine, hint, args.threads, profile) for label, path in models.items()}
+        for session in sessions.values():
             time_calls(lambda: session.run(batch), warmup=3, iters=0)
-        reps = args.reps if not profile else max(2, args.reps // 2)
-        times: dict[str, list[list[float]]] = {"gated": [], "plain": []}
-        for _ in range(reps):
-            for label, session in (("gated", gated), ("plain", plain)):
-                times[label].append(time_calls(lambda: session.run(batch), warmup=0, iters=BLOCK))
-        if not profile:
-            gated_ms = float(np.median(np.concatenate(times["gated"]))) * 1e3
-            plain_ms = float(np.median(np.concatenate(times["plain"]))) * 1e3
-            per_block = [np.median(g) / np.median(p) - 1 for g, p in zip(times["gated"], times["plain"])]
-            result.update(model_ms=plain_ms, gated_model_ms=gated_ms, in_graph_timed=gated_ms / plain_ms - 1,
-                          in_graph_timed_blocks=[float(min(per_block)), float(max(per_block))])
+        blocks: dict[str, list[np.ndarray]] = {label: [] for label in sessions}
+        for _ in range(args.reps if not profile else max(2, args.reps // 2)):
+            for label, session in sessions.items():
+                blocks[label].append(time_calls(lambda: session.run(batch), warmup=0, iters=BLOCK))
+        if profile:
+            profiles = {label: session.profile_ms(3) for label, session in sessions.items()}
         else:
-            total, counted = in_graph_profiled(gated.profile_ms(3), plain.profile_ms(3))
-            result.update(in_graph_profiled=total / result["model_ms"],
-                          in_graph_profiled_ms=total, in_graph_changes=[[k, round(d, 4)] for d, k in counted])
-    return result
+            times = blocks
+    return times, profiles
+
+
+def timed_share(times: dict[str, list[np.ndarray]], label: str, reference: str) -> tuple[float, list[float]]:
+    """How much longer `label` ran than `reference` (the ratio of their medians over all runs, - 1),
+    and the range of the per-block ratios."""
+    per_block = [np.median(t) / np.median(r) - 1 for t, r in zip(times[label], times[reference])]
+    share = float(np.median(np.concatenate(times[label])) / np.median(np.concatenate(times[reference]))) - 1
+    return share, [float(min(per_block)), float(max(per_block))]
+
+
+def measure(name: str, paths: dict[str, Path], stripped: dict[str, Path], batch: np.ndarray, args) -> dict:
+    kind = BACKENDS[name][0]
+    times, profiles = timed_and_profiled(name, {"gated": paths[kind], "plain": stripped[kind]}, batch, args)
+    plain_ms = float(np.median(np.concatenate(times["plain"]))) * 1e3
+    share, blocks = timed_share(times, "gated", "plain")
+    total, counted = in_graph_profiled(profiles["gated"], profiles["plain"])
+    return {"backend": name, "model_ms": plain_ms, "gated_model_ms": float(np.median(np.concatenate(times["gated"]))) * 1e3,
+            "in_graph_timed": share, "in_graph_timed_blocks": blocks, "in_graph_profiled": total / plain_ms,
+            "in_graph_profiled_ms": total, "in_graph_changes": [[k, round(d, 4)] for d, k in counted]}
 
 
 def numpy_part_ms(backend, batch: np.ndarray, iters: int) -> float:

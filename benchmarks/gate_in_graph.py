@@ -35,10 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gate_cost import (BACKENDS, BLOCK, Session, in_graph_profiled, numpy_part_ms, parse_command_line,
+from gate_cost import (BACKENDS, in_graph_profiled, numpy_part_ms, parse_command_line, timed_and_profiled, timed_share,
                        without_gate_output, write_report)
 from liverstage.runtime.backends import open_backend
-from liverstage.runtime.bench import time_calls
 from liverstage.runtime.model_meta import INPUT_NAME
 from liverstage.runtime.ood import (HISTOGRAM_BINS, LAYOUT_BLOCKS, NORM_EPS, PARTS, SPHERE_PARTS, TEXTURE_SCALES,
                                     OodGate, descriptor_factor, layout_matrix)
@@ -179,29 +178,13 @@ def disagreement(path: Path, whole: Path, batch: np.ndarray) -> float:
 
 def measure(name: str, models: dict[str, Path], batch: np.ndarray, args) -> dict:
     """model ms and the two designs' in-graph shares, timed and profiled, on one backend."""
-    _, engine, hint = BACKENDS[name]
-    row: dict = {"backend": name}
-    for profile in (False, True):
-        sessions = {label: Session(path, engine, hint, args.threads, profile) for label, path in models.items()}
-        for session in sessions.values():
-            time_calls(lambda: session.run(batch), warmup=3, iters=0)
-        times: dict[str, list[np.ndarray]] = {label: [] for label in sessions}
-        for _ in range(args.reps if not profile else max(2, args.reps // 2)):
-            for label, session in sessions.items():
-                times[label].append(time_calls(lambda: session.run(batch), warmup=0, iters=BLOCK))
-        if not profile:
-            ms = {label: float(np.median(np.concatenate(t))) * 1e3 for label, t in times.items()}
-            row["model_ms"] = ms["plain"]
-            for label in ("exported", "whole"):
-                blocks = [np.median(a) / np.median(p) - 1 for a, p in zip(times[label], times["plain"])]
-                row[f"{label}_timed"] = ms[label] / ms["plain"] - 1
-                row[f"{label}_timed_blocks"] = [float(min(blocks)), float(max(blocks))]
-        else:
-            per_kind = {label: session.profile_ms(3) for label, session in sessions.items()}
-            for label in ("exported", "whole"):
-                total, changes = in_graph_profiled(per_kind[label], per_kind["plain"])
-                row[f"{label}_profiled"] = total / row["model_ms"]
-                row[f"{label}_changes"] = [[kind, round(delta, 4)] for delta, kind in changes]
+    times, profiles = timed_and_profiled(name, models, batch, args)
+    row: dict = {"backend": name, "model_ms": float(np.median(np.concatenate(times["plain"]))) * 1e3}
+    for label in ("exported", "whole"):
+        row[f"{label}_timed"], row[f"{label}_timed_blocks"] = timed_share(times, label, "plain")
+        total, changes = in_graph_profiled(profiles[label], profiles["plain"])
+        row[f"{label}_profiled"] = total / row["model_ms"]
+        row[f"{label}_changes"] = [[kind, round(delta, 4)] for delta, kind in changes]
     return row
 
 

@@ -34,6 +34,7 @@ class Crops:
     labels: np.ndarray
     patients: list[str]
     source: str
+    regions: str  # how the rows' liver regions were given: "mask", "auto" (--roi auto: no mask) or "mixed"
 
     def __len__(self) -> int:
         return int(len(self.images))
@@ -43,12 +44,13 @@ class Crops:
         if len(self) <= limit:
             return self
         index = np.linspace(0, len(self) - 1, limit).round().astype(int)
-        return Crops(self.images[index], self.labels[index], [self.patients[i] for i in index], self.source)
+        return Crops(self.images[index], self.labels[index], [self.patients[i] for i in index], self.source,
+                     self.regions)
 
     def select(self, patients: set[str], source: str) -> "Crops":
         """The crops of `patients` (in their original order)."""
         keep = [i for i, p in enumerate(self.patients) if p in patients]
-        return Crops(self.images[keep], self.labels[keep], [self.patients[i] for i in keep], source)
+        return Crops(self.images[keep], self.labels[keep], [self.patients[i] for i in keep], source, self.regions)
 
     @property
     def n_patients(self) -> int:
@@ -68,6 +70,15 @@ class ExportCrops:
     held_out: Crops | None = None  # every validation/test crop: the gate's thresholds
 
 
+def region_kind(rows) -> str:
+    """How manifest rows give their liver regions: "mask", "auto" (no mask: train.data cuts
+    them with --roi auto) or "mixed". It travels into the gate's metadata (export/ood_fit.py),
+    so that `predict` can say when a volume's crops were cut differently from the training
+    crops (a box or --roi auto against masks), which alone makes the gate flag most of them."""
+    kinds = {"auto" if row.mask is None else "mask" for row in rows}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def crops_from_rows(rows, spec: PreprocessSpec, *, source: str) -> Crops:
     """Crops of manifest rows through the training data path (train.data.load_crops, which uses
     the runtime's one crop pipeline), so export checks see exactly what training saw."""
@@ -76,7 +87,8 @@ def crops_from_rows(rows, spec: PreprocessSpec, *, source: str) -> Crops:
     if not rows:
         raise InputError(f"no manifest rows for {source}")
     data = load_crops(rows, spec)
-    return Crops(data.images, data.labels.astype(np.int64), [str(p) for p in data.patient_ids], source)
+    return Crops(data.images, data.labels.astype(np.int64), [str(p) for p in data.patient_ids], source,
+                 region_kind(rows))
 
 
 def _rows_for(manifest: Path, patients: set[str]) -> list:

@@ -44,9 +44,9 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from liverstage.runtime.errors import InputError
-from liverstage.runtime.ood import (BASIS_DIM, DESCRIPTOR_FAMILIES, GATE_FORMAT_VERSION, GATE_METHOD, PARTS,
-                                    SPHERE_PARTS, THRESHOLD, CropScores, OodGate, encode_array, image_descriptor,
-                                    normalise_rows)
+from liverstage.runtime.ood import (BANK_REGION_WORDS, BASIS_DIM, DESCRIPTOR_FAMILIES, GATE_FORMAT_VERSION,
+                                    GATE_METHOD, PARTS, SPHERE_PARTS, THRESHOLD, CropScores, OodGate, encode_array,
+                                    image_descriptor, normalise_rows)
 
 FALSE_ALARM_RATE = 0.02  # per crop, on held-out in-distribution crops, both parts together
 K_NEIGHBOURS = 5
@@ -295,6 +295,7 @@ def fit_for_export(session, crops, ckpt, spec, *, echo: Callable[[str], None] = 
     bank, held, how = chosen
     bank = bank.subsample(MAX_BANK)
     fit = {"source": f"{how}, and each bank patient left out in turn", "bank_source": bank.source,
+           "bank_regions": bank.regions,
            "threshold_source": f"{held.source}, and the bank's patients left out one at a time"}
     clip = dict(clip_low=spec.clip_low, clip_high=spec.clip_high)
     held_outputs, bank_outputs = embed(held.images), embed(bank.images)
@@ -313,11 +314,18 @@ def fit_for_export(session, crops, ckpt, spec, *, echo: Callable[[str], None] = 
     return config, figures
 
 
+def _cut(fit: dict[str, Any]) -> str:
+    """How the bank's crops were cut, for the card: a volume cut otherwise is flagged by that alone."""
+    regions = fit.get("bank_regions")
+    return f" cut {BANK_REGION_WORDS[regions]}" if regions in BANK_REGION_WORDS else ""
+
+
 def format_figures(figures: dict[str, Any]) -> str:
     """Terminal lines for the gate's figures."""
     fit = figures["fit"]
     lines = [f"out-of-distribution gate ({figures['method']}, k {figures['k']}, {fit['source']}; "
-             f"{fit['bank_crops']} bank crops, {fit['threshold_crops']} threshold crops of {fit['threshold_patients']} patients):"]
+             f"{fit['bank_crops']} bank crops{_cut(fit)}, {fit['threshold_crops']} threshold crops of "
+             f"{fit['threshold_patients']} patients):"]
     far = figures.get("held_out_false_alarms")
     if far:
         lines.append(f"  false alarms on in-distribution crops not in the bank (cross-fitted over {far['patients']} "

@@ -47,6 +47,10 @@ atypical. The
 volume's score is the median of its crops' scores; above 1 (more than half of its crops
 atypical) the volume is uncertain. One odd slice (the liver dome, a vessel) does not flag a
 whole volume; a volume that is mostly not liver is flagged however confident the stage head is.
+The reason names the likely cause: input unlike the training data or, where the volume's liver
+region came from a box or `--roi auto` and the bank's crops from masks (`fit.bank_regions`,
+recorded at export), crops cut and normalised differently, which alone makes most of them
+atypical (`OodGate.judge`).
 
 Everything the gate needs travels in the model's metadata (`ModelMetadata.ood`), so every
 backend gets it from `backend.metadata` without extra code. A model without it has no result
@@ -315,6 +319,12 @@ class OodVerdict:
     atypical_crops: int | None
 
 
+# How a volume's liver region was given to `predict`, in the words of a reason (see `OodGate.judge`).
+REGION_WORDS = {"bbox": "a box (--bbox)", "auto": "a rough liver region found without a mask (--roi auto)"}
+REGIONS = ("mask", *REGION_WORDS)
+BANK_REGION_WORDS = {"mask": "from liver masks", "auto": "with --roi auto", "mixed": "from liver masks and with --roi auto"}
+BANK_REGIONS = tuple(BANK_REGION_WORDS)  # export/data.py region_kind
+
 NO_GATE = OodVerdict(uncertain=True, reason=NO_GATE_REASON, score=None, threshold=None, atypical_crops=None)
 THRESHOLD = 1.0
 
@@ -351,6 +361,9 @@ class OodGate:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{source}: invalid out-of-distribution gate in its metadata ({exc})") from None
         self.clip = (float(clip_low), float(clip_high))
+        fit = config.get("fit")
+        regions = fit.get("bank_regions") if isinstance(fit, dict) else None
+        self.bank_regions = regions if regions in BANK_REGIONS else None  # None: not recorded (older exports)
         self.dims = {part: int(self.bases[part].shape[0]) for part in SPHERE_PARTS}
         self.bank_size = int(len(banks["image"]))  # the same crops in every part
         self._sphere_banks_t = {part: np.ascontiguousarray(banks[part].T) for part in SPHERE_PARTS}  # [m, K]
@@ -399,8 +412,14 @@ class OodGate:
         score = np.max([distances[part] / self.thresholds[part] for part in PARTS], axis=0)
         return CropScores(**distances, score=score)
 
-    def judge(self, crops: CropScores) -> OodVerdict:
-        """The volume rule on its crops' scores (module docstring)."""
+    def judge(self, crops: CropScores, *, region: str = "mask") -> OodVerdict:
+        """The volume rule on its crops' scores (module docstring). `region`: how the volume's
+        liver region was given ("mask", "bbox" or "auto"); where its crops were cut otherwise
+        than the bank's, the reason says so, because that alone makes most crops atypical (the
+        normalisation and the box follow the region) and only a mask tells it apart from input
+        that is not liver MRI."""
+        if region not in REGIONS:
+            raise ValueError(f"region must be one of {list(REGIONS)}, got {region!r}")
         score = np.asarray(crops.score, dtype=np.float64)
         if score.ndim != 1 or len(score) < 1:
             raise ValueError(f"need the scores of at least one crop, got shape {score.shape}")
@@ -412,6 +431,19 @@ class OodGate:
             reason = (f"{int(atypical.sum())} of {len(score)} crops look unlike the liver crops the model was trained on "
                       f"(median out-of-distribution score {median:.2f} > {THRESHOLD:g}; by their embedding: "
                       f"{by['embedding']}, by their early features: {by['early']}, by their image: {by['image']}): "
-                      "not liver MRI like the training data, so the stage is not reliable")
+                      f"{self._cause(region)}")
         return OodVerdict(uncertain=median > THRESHOLD, reason=reason, score=median, threshold=THRESHOLD,
                           atypical_crops=int(atypical.sum()))
+
+    def _cause(self, region: str) -> str:
+        """The likely cause of atypical crops, for a volume whose region was given as `region`."""
+        if region == "mask" or (region == "auto" and self.bank_regions in ("auto", "mixed")):
+            return "not liver MRI like the training data, so the stage is not reliable"
+        cut = f"its crops were cut from {REGION_WORDS[region]}"
+        if self.bank_regions is None:  # not recorded: say what holds for a model trained on masks
+            cause = f"{cut}; if the model's training crops were cut from liver masks, that alone"
+        else:
+            cause = f"{cut}, the model's training crops {BANK_REGION_WORDS[self.bank_regions]}, and that alone"
+        cause += " makes most crops look atypical"
+        return (f"{cause}, so the stage is not reliable; give a liver mask (--mask or --mask-dir; e.g. TotalSegmentator "
+                "total_mr, liver label 5) to tell that from input that is not liver MRI like the training data")

@@ -72,6 +72,7 @@ class VolumeResult:
     series: dict | None = None           # the staged series (dicom_study.series_record); None for NIfTI
     ood_scores: CropScores | None = None  # per crop; None when the model has no gate
     region_side: float | None = None     # the region's side of the body's midline (runtime/laterality.py)
+    region: str = "mask"                 # how the liver region was given: mask, bbox or auto (runtime/ood.py REGIONS)
 
 
 @dataclasses.dataclass
@@ -93,6 +94,7 @@ class _Prepared:
     dicom_files: tuple[Path, ...] = ()
     series: dict | None = None
     region_side: float | None = None
+    region: str = "mask"
 
 
 def _is_nifti(path: Path) -> bool:
@@ -226,14 +228,17 @@ class Predictor:
         t1 = time.perf_counter()
         warnings = list(volume.warnings)
         kwargs: dict = {}
+        region = "mask"
         if self.mask is not None:
             kwargs.update(mask=self.mask, mask_label=self.mask_label)
         elif self.mask_dir is not None:
             kwargs.update(mask=find_mask(path, self.mask_dir), mask_label=self.mask_label)
         elif self.bbox is not None:
             kwargs.update(bbox=self.bbox)
+            region = "bbox"
         else:
             kwargs.update(roi="auto")
+            region = "auto"
             if self.roi is None:
                 warnings.append("no mask or box given: used --roi auto (a rough heuristic; a liver mask is better)")
         crops = crops_for_volume(volume, spec=self.spec, **kwargs)
@@ -254,7 +259,7 @@ class Predictor:
         return _Prepared(input=str(path), images=crops.images, slices=np.asarray(crops.slices),
                          boxes=np.asarray(crops.boxes), timing={"load": t1 - t0, "preprocess": t2 - t1},
                          warnings=warnings, preview=preview, dicom_files=tuple(dicom_files), series=series,
-                         region_side=crops.region_side)
+                         region_side=crops.region_side, region=region)
 
     # -- stage 2 (caller's thread): inference + aggregation -------------------------------------
     def infer(self, prepared: _Prepared) -> VolumeResult:
@@ -271,7 +276,8 @@ class Predictor:
             raise InputError(f"{prepared.input}: the model returned NaN or Inf")
         t1 = time.perf_counter()
         scores = self.gate.scores(outputs, prepared.images) if self.gate is not None else None
-        ood = with_side(self.gate.judge(scores) if scores is not None else NO_GATE, prepared.region_side)
+        judged = self.gate.judge(scores, region=prepared.region) if scores is not None else NO_GATE
+        ood = with_side(judged, prepared.region_side)
         verdict = aggregate(probs_arr, ood=ood)
         t2 = time.perf_counter()
         timing = dict(prepared.timing)
@@ -281,7 +287,7 @@ class Predictor:
         return VolumeResult(input=prepared.input, verdict=verdict, slices=prepared.slices, boxes=prepared.boxes,
                             probs=probs_arr, cosine=cos_arr, timing=timing, warnings=list(prepared.warnings),
                             preview=prepared.preview, dicom_files=prepared.dicom_files, series=prepared.series,
-                            ood_scores=scores, region_side=prepared.region_side)
+                            ood_scores=scores, region_side=prepared.region_side, region=prepared.region)
 
     def run(self, inputs: Iterable[str | Path], *,
             on_result: Callable[[VolumeResult | None, str, str | None], None] | None = None) -> PredictRun:

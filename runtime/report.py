@@ -4,7 +4,7 @@ Report schema (every file is written atomically):
     {"liverstage_version",
      "model": {"path", "sha256", "backend", "precision"},
      "results": [{"input", "stage", "stage_name", "probabilities": {"A", "B", "C"}, "uncertain",
-                  "uncertain_reason", "ood_score", "ood_threshold", "region_side",
+                  "uncertain_reason", "ood_score", "ood_threshold", "region", "region_side",
                   "crops": [{"slice", "bbox", "probabilities", "max_cosine", "ood_score"}],
                   "timing_s": {"load", "preprocess", "inference", "ood", "total"}, "warnings": [...],
                   "series": {...} (DICOM inputs only: the staged series, `dicom_study.series_record`)}],
@@ -17,6 +17,7 @@ out-of-distribution gate's score, above `ood_threshold` (1) atypical; both are n
 without a gate, whose results are all uncertain (runtime/ood.py). `region_side` is the liver
 region's centroid relative to the body's midline in half body widths, positive on the patient's
 right; below 0 the result is uncertain; null where the midline is unknown (runtime/laterality.py).
+`region` says how the liver region was given: "mask", "bbox" or "auto" (--roi auto).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def result_to_dict(result: "VolumeResult") -> dict[str, Any]:
         "uncertain_reason": ood.reason,
         "ood_score": None if ood.score is None else _r(ood.score),
         "ood_threshold": ood.threshold,
+        "region": result.region,
         "region_side": None if result.region_side is None else _r(result.region_side),
         "crops": crops,
         "timing_s": {k: _r(v, 4) for k, v in result.timing.items()},
@@ -131,6 +133,9 @@ def print_table(run: "PredictRun", console=None) -> None:
         table.add_row(escape(Path(inp).name), "[red]error[/red]", "", "", "", "")
     console.print(table)
     for r in run.results:
+        for warning in r.warnings:
+            console.print(f"[yellow]warning[/yellow] {escape(r.input)}: {escape(warning)}",
+                          highlight=False, markup=True, soft_wrap=True)
         if r.verdict.uncertain:
             console.print(f"[yellow]uncertain[/yellow] {escape(r.input)}: {escape(r.verdict.ood.reason or '')}",
                           highlight=False, markup=True, soft_wrap=True)

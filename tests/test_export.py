@@ -227,10 +227,23 @@ def test_metadata_round_trip(exported, amcl_checkpoint):
     assert Path(meta.extra["checkpoint_path"]) == amcl_checkpoint.resolve()
     assert {"torch", "onnx", "onnxruntime"} <= set(meta.versions)
     assert meta.ood is not None and all(meta.ood[part]["threshold"] > 0 for part in ("embedding", "early", "image"))
+    assert meta.ood["fit"]["bank_regions"] == "mask"  # the phantom manifest's rows all have masks
     assert meta.temperature > 0
     # The same through the ONNX file itself.
     props = {p.key: p.value for p in onnx.load(str(exported), load_external_data=False).metadata_props}
     assert ModelMetadata.from_json(props[METADATA_KEY]) == meta
+
+
+def test_region_kind_of_manifest_rows():
+    """How the bank's rows gave their liver regions; predict words its reasons by it (runtime/ood.py)."""
+    from types import SimpleNamespace
+
+    from liverstage.export.data import region_kind
+
+    with_mask, without = SimpleNamespace(mask=Path("m.nii.gz")), SimpleNamespace(mask=None)
+    assert region_kind([with_mask, with_mask]) == "mask"
+    assert region_kind([without]) == "auto"
+    assert region_kind([with_mask, without]) == "mixed"
 
 
 def test_export_writes_parity_and_card(exported):
@@ -246,6 +259,7 @@ def test_export_writes_parity_and_card(exported):
     gate = parity["ood_gate"]
     assert 0.0 <= gate["held_out_false_alarms"]["volumes"] <= 1.0 and gate["far_ood"]["volumes"] > 0
     assert "Out-of-distribution gate" in (exported.parent / "MODEL_CARD.md").read_text()
+    assert "bank crops cut from liver masks" in (exported.parent / "MODEL_CARD.md").read_text()
     for text in (json.dumps(parity), json.dumps(card), (exported.parent / "MODEL_CARD.md").read_text()):
         assert "base64" not in text
 

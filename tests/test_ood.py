@@ -204,6 +204,39 @@ def test_gate_flags_noise_and_passes_held_out_phantoms(gated_model, cohort_crops
     assert np.median(r.ood_scores.score) == pytest.approx(r.verdict.ood.score)
 
 
+def test_the_reason_names_a_region_cut_otherwise_than_the_bank(gated_model, tmp_path):
+    """Crops cut from a box or by --roi auto differ from mask-cut training crops; the reason says
+    so (and what to do) instead of calling liver MRI "not liver MRI", and only where the bank's
+    crops were cut otherwise (its `fit.bank_regions`, recorded at export; unknown for older models)."""
+    backend = open_backend(gated_model, device="cpu")
+    vol, mask = noise_volume(tmp_path)
+    crops = Predictor(backend, mask=mask).run([vol]).results[0]
+    assert crops.region == "mask" and crops.verdict.uncertain
+    metadata = backend.metadata
+    spec = metadata.preprocess
+
+    def reason(bank_regions, region):
+        config = json.loads(json.dumps(metadata.ood))
+        config["fit"]["bank_regions"] = bank_regions
+        gate = OodGate(config, clip_low=spec.clip_low, clip_high=spec.clip_high)
+        return gate.judge(crops.ood_scores, region=region).reason
+
+    plain = "not liver MRI like the training data, so the stage is not reliable"
+    assert reason("mask", "mask").endswith(plain) and reason(None, "mask").endswith(plain)
+    assert reason("auto", "auto").endswith(plain) and reason("mixed", "auto").endswith(plain)
+    told = reason("mask", "auto")
+    assert "cut from a rough liver region found without a mask (--roi auto), the model's training crops from liver masks" in told
+    assert "give a liver mask" in told and not told.endswith(plain)
+    assert "a box (--bbox), the model's training crops with --roi auto" in reason("auto", "bbox")
+    assert "if the model's training crops were cut from liver masks" in reason(None, "bbox")  # not recorded
+    assert reason("mask", "auto").split(":")[0] == reason("mask", "mask").split(":")[0]  # the same counts first
+    with pytest.raises(ValueError, match="region must be one of"):
+        OodGate.from_metadata(metadata).judge(crops.ood_scores, region="box")
+    bbox_run = Predictor(backend, bbox=(30, 18, 0, 56, 46, 16)).run([vol]).results[0]
+    assert bbox_run.region == "bbox"
+    assert bbox_run.verdict.uncertain and "(--bbox)" in bbox_run.verdict.ood.reason
+
+
 def test_staging_is_unchanged_by_the_gate(gated_model, tiny_model, cohort_crops):
     """The same volumes through the same network with and without a gate: identical stages and probabilities."""
     with_gate = Predictor(open_backend(gated_model, device="cpu"))

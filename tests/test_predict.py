@@ -102,6 +102,21 @@ def test_bbox_and_auto_roi(tmp_path, tiny_model):
     run = Predictor(backend).run([vol])  # neither mask nor box: --roi auto, with a warning
     assert not run.errors, run.errors
     assert any("--roi auto" in w for w in run.results[0].warnings)
+    assert [r.region for r in run.results] == ["auto"]
+
+
+def test_cli_shows_warnings_and_the_region(tmp_path, tiny_model, run_cli):
+    """A volume's warnings reach the console, not only the report, and the report says how its
+    liver region was given."""
+    vol, mask = write_phantom(tmp_path)
+    report = tmp_path / "r.json"
+    code, out, err = run_cli(["predict", vol, "--model", tiny_model, "--report", report])
+    assert code == 0, err
+    assert f"warning {vol}: no mask or box given: used --roi auto" in " ".join(out.split())
+    assert json.loads(report.read_text())["results"][0]["region"] == "auto"
+    code, out, err = run_cli(["predict", vol, "--model", tiny_model, "--mask", mask, "--report", report])
+    assert code == 0, err
+    assert f"warning {vol}" not in " ".join(out.split()) and json.loads(report.read_text())["results"][0]["region"] == "mask"
 
 
 def test_mask_dir_pairing(tmp_path):

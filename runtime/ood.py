@@ -325,6 +325,10 @@ REGIONS = ("mask", *REGION_WORDS)
 BANK_REGION_WORDS = {"mask": "from liver masks", "auto": "with --roi auto", "mixed": "from liver masks and with --roi auto"}
 BANK_REGIONS = tuple(BANK_REGION_WORDS)  # export/data.py region_kind
 
+# The least share of export's far-out-of-distribution volumes (export/ood_sets.py) a gate must flag
+# or refuse; below it export warns and predict warns on every result (`OodGate.detection_warning`).
+FAR_OOD_TARGET = 0.99
+
 NO_GATE = OodVerdict(uncertain=True, reason=NO_GATE_REASON, score=None, threshold=None, atypical_crops=None)
 THRESHOLD = 1.0
 
@@ -364,6 +368,9 @@ class OodGate:
         fit = config.get("fit")
         regions = fit.get("bank_regions") if isinstance(fit, dict) else None
         self.bank_regions = regions if regions in BANK_REGIONS else None  # None: not recorded (older exports)
+        detection = fit.get("far_ood_detection") if isinstance(fit, dict) else None
+        self.far_ood_detection = (float(detection) if isinstance(detection, (int, float))
+                                  and not isinstance(detection, bool) and 0.0 <= detection <= 1.0 else None)
         self.dims = {part: int(self.bases[part].shape[0]) for part in SPHERE_PARTS}
         self.bank_size = int(len(banks["image"]))  # the same crops in every part
         self._sphere_banks_t = {part: np.ascontiguousarray(banks[part].T) for part in SPHERE_PARTS}  # [m, K]
@@ -378,6 +385,17 @@ class OodGate:
             return None
         spec = metadata.preprocess
         return cls(config, clip_low=spec.clip_low, clip_high=spec.clip_high, source=source)
+
+    def detection_warning(self) -> str | None:
+        """A warning for every result of a model whose gate, measured at export, flagged fewer
+        far-out-of-distribution volumes than FAR_OOD_TARGET (None when it met it or, for older
+        exports, the figure is not recorded). Why on every result: such a gate lets more input the
+        model was not made for through as staged, so 'uncertain: no' is weaker evidence there."""
+        if self.far_ood_detection is None or self.far_ood_detection >= FAR_OOD_TARGET:
+            return None
+        return (f"this model's out-of-distribution gate flagged only {self.far_ood_detection:.1%} of the "
+                f"far-out-of-distribution test volumes at export (target {FAR_OOD_TARGET:.0%}), so a result not "
+                "marked uncertain may still be input the model was not made for; see its model card")
 
     def image_features(self, images: np.ndarray) -> np.ndarray:
         """The standardised image descriptor, in the bank's units."""

@@ -209,6 +209,7 @@ class Predictor:
         self.backend = backend
         self.spec = backend.metadata.preprocess
         self.gate = OodGate.from_metadata(backend.metadata, source=str(getattr(backend, "path", "model")))
+        self.gate_warning = self.gate.detection_warning() if self.gate is not None else None
         self.mask = Path(mask) if mask is not None else None
         self.mask_dir = Path(mask_dir) if mask_dir is not None else None
         self.mask_label = mask_label
@@ -227,6 +228,8 @@ class Predictor:
         volume, dicom_files, series = load_input(path, series=self.series)
         t1 = time.perf_counter()
         warnings = list(volume.warnings)
+        if self.gate_warning is not None:
+            warnings.append(self.gate_warning)
         kwargs: dict = {}
         region = "mask"
         if self.mask is not None:

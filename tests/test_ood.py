@@ -15,7 +15,7 @@ import pytest
 from liverstage.export.ood_fit import MAX_BANK, build_gate, payload_bytes
 from liverstage.runtime.backends import open_backend
 from liverstage.runtime.errors import ModelError
-from liverstage.runtime.ood import (DESCRIPTOR_DIM, NO_GATE_REASON, PARTS, OodGate, decode_array, encode_array,
+from liverstage.runtime.ood import (DESCRIPTOR_DIM, FAR_OOD_TARGET, NO_GATE_REASON, PARTS, OodGate, decode_array, encode_array,
                                     image_descriptor, descriptor_factor)
 from liverstage.runtime.predict import Predictor
 
@@ -235,6 +235,37 @@ def test_the_reason_names_a_region_cut_otherwise_than_the_bank(gated_model, tmp_
     bbox_run = Predictor(backend, bbox=(30, 18, 0, 56, 46, 16)).run([vol]).results[0]
     assert bbox_run.region == "bbox"
     assert bbox_run.verdict.uncertain and "(--bbox)" in bbox_run.verdict.ood.reason
+
+
+def test_a_gate_below_its_detection_target_warns_on_every_result(gated_model, cohort_crops):
+    """A gate that flagged fewer far-out-of-distribution volumes at export than FAR_OOD_TARGET
+    (its `fit.far_ood_detection`) lets more input the model was not made for through as staged;
+    predict then warns on every result of that model, and changes nothing else."""
+    backend = open_backend(gated_model, device="cpu")
+    metadata = backend.metadata
+    spec = metadata.preprocess
+
+    def config_with(detection):
+        config = json.loads(json.dumps(metadata.ood))
+        config["fit"]["far_ood_detection"] = detection
+        return config
+
+    def warning(detection):
+        return OodGate(config_with(detection), clip_low=spec.clip_low, clip_high=spec.clip_high).detection_warning()
+
+    assert OodGate.from_metadata(metadata).detection_warning() is None  # not recorded (older exports)
+    assert warning(1.0) is None and warning(FAR_OOD_TARGET) is None
+    for odd in (True, 1.5, -0.1, "0.5", None, float("nan")):
+        assert warning(odd) is None, odd
+    weak = warning(0.676)
+    assert "flagged only 67.6% of the far-out-of-distribution test volumes at export (target 99%)" in weak
+    vol, mask, _ = cohort_crops[8]
+    before = Predictor(backend, mask=mask).run([vol]).results[0]
+    backend.metadata = metadata.replace(ood=config_with(0.676))
+    after = Predictor(backend, mask=mask).run([vol]).results[0]
+    assert weak in after.warnings and weak not in before.warnings
+    assert after.verdict.stage == before.verdict.stage and after.verdict.uncertain == before.verdict.uncertain
+    np.testing.assert_array_equal(after.ood_scores.score, before.ood_scores.score)
 
 
 def test_staging_is_unchanged_by_the_gate(gated_model, tiny_model, cohort_crops):

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         calibrate_temperature: bool = typer.Option(
             True, "--calibrate-temperature/--no-calibrate-temperature",
             help="Fit the softmax temperature on validation crops (never changes the predicted stage)."),
-        strict: bool = typer.Option(False, "--strict", help="Exit with code 1 if a parity target is missed."),
+        strict: bool = typer.Option(False, "--strict", help="Exit with code 1 if a parity target or the gate's far-out-of-distribution detection target is missed."),
     ) -> None:
         """Export a checkpoint for deployment, check it against PyTorch fp32 and write a model card.
 
@@ -50,5 +50,8 @@ def register(app: typer.Typer) -> None:
         if result.failures:
             typer.echo("liverstage: warning: parity targets missed: " + "; ".join(result.failures)
                        + f" (see {result.parity_path})", err=True)
-            if strict:
-                raise typer.Exit(code=1)
+        gate_warning = (result.parity.get("ood_gate") or {}).get("warning")
+        if gate_warning:
+            typer.echo(f"liverstage: warning: {gate_warning} (see {result.parity_path})", err=True)
+        if strict and (result.failures or gate_warning):
+            raise typer.Exit(code=1)

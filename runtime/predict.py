@@ -24,8 +24,9 @@ Each bad input becomes an entry in `errors`; the others are still staged.
 Every staged volume also gets the verdict of the model's out-of-distribution gate
 (runtime/ood.py, from `backend.metadata.ood`): crops that do not look like the training crops
 make the volume `uncertain`. A model without a gate makes every volume uncertain. So does a liver
-region on the patient's left of the body's midline (runtime/laterality.py), which no crop shows.
-Neither ever changes a stage or a probability.
+region on the patient's left of the body's midline (runtime/laterality.py), which no crop shows,
+and a volume whose raw intensities hold CT air in Hounsfield units (runtime/intensity.py), which
+normalised crops no longer show. None of these ever changes a stage or a probability.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import numpy as np
 
 from .aggregate import VolumeStage, aggregate
 from .errors import InputError, LiverstageError
+from .intensity import air_reason, air_share
 from .io import NIFTI_SUFFIXES, load_volume
 from .model_meta import OUTPUT_NAMES
 from .laterality import side_reason
@@ -73,6 +75,7 @@ class VolumeResult:
     ood_scores: CropScores | None = None  # per crop; None when the model has no gate
     region_side: float | None = None     # the region's side of the body's midline (runtime/laterality.py)
     region: str = "mask"                 # how the liver region was given: mask, bbox or auto (runtime/ood.py REGIONS)
+    air_share: float | None = None       # share of voxels at or below -500, CT air (runtime/intensity.py)
 
 
 @dataclasses.dataclass
@@ -95,6 +98,7 @@ class _Prepared:
     series: dict | None = None
     region_side: float | None = None
     region: str = "mask"
+    air_share: float | None = None
 
 
 def _is_nifti(path: Path) -> bool:
@@ -175,7 +179,12 @@ def one_line(exc: BaseException) -> str:
 def with_side(verdict: OodVerdict, side: float | None) -> OodVerdict:
     """The gate's verdict, made uncertain where the liver region lies on the patient's left
     (runtime/laterality.py: a check no crop can make); its reason comes first."""
-    reason = side_reason(side)
+    return with_reason(verdict, side_reason(side))
+
+
+def with_reason(verdict: OodVerdict, reason: str | None) -> OodVerdict:
+    """The verdict, made uncertain by a volume-level check's `reason` (None: unchanged), which
+    comes first in its reason; the gate's figures are kept."""
     if reason is None:
         return verdict
     return dataclasses.replace(verdict, uncertain=True,
@@ -254,6 +263,7 @@ class Predictor:
             z = int(crops.slices[mid])
             preview = Preview(image=np.array(volume.data[:, :, z], copy=True), slice=z,
                               box=tuple(int(v) for v in crops.boxes[mid]))
+        air = air_share(volume)
         del volume
         t2 = time.perf_counter()
         for w in crops.warnings:
@@ -262,7 +272,7 @@ class Predictor:
         return _Prepared(input=str(path), images=crops.images, slices=np.asarray(crops.slices),
                          boxes=np.asarray(crops.boxes), timing={"load": t1 - t0, "preprocess": t2 - t1},
                          warnings=warnings, preview=preview, dicom_files=tuple(dicom_files), series=series,
-                         region_side=crops.region_side, region=region)
+                         region_side=crops.region_side, region=region, air_share=air)
 
     # -- stage 2 (caller's thread): inference + aggregation -------------------------------------
     def infer(self, prepared: _Prepared) -> VolumeResult:
@@ -280,7 +290,7 @@ class Predictor:
         t1 = time.perf_counter()
         scores = self.gate.scores(outputs, prepared.images) if self.gate is not None else None
         judged = self.gate.judge(scores, region=prepared.region) if scores is not None else NO_GATE
-        ood = with_side(judged, prepared.region_side)
+        ood = with_reason(with_side(judged, prepared.region_side), air_reason(prepared.air_share))
         verdict = aggregate(probs_arr, ood=ood)
         t2 = time.perf_counter()
         timing = dict(prepared.timing)
@@ -290,7 +300,8 @@ class Predictor:
         return VolumeResult(input=prepared.input, verdict=verdict, slices=prepared.slices, boxes=prepared.boxes,
                             probs=probs_arr, cosine=cos_arr, timing=timing, warnings=list(prepared.warnings),
                             preview=prepared.preview, dicom_files=prepared.dicom_files, series=prepared.series,
-                            ood_scores=scores, region_side=prepared.region_side, region=prepared.region)
+                            ood_scores=scores, region_side=prepared.region_side, region=prepared.region,
+                            air_share=prepared.air_share)
 
     def run(self, inputs: Iterable[str | Path], *,
             on_result: Callable[[VolumeResult | None, str, str | None], None] | None = None) -> PredictRun:

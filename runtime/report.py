@@ -5,7 +5,7 @@ Report schema (every file is written atomically):
      "model": {"path", "sha256", "backend", "precision"},
      "results": [{"input", "stage", "stage_name", "probabilities": {"A", "B", "C"}, "uncertain",
                   "uncertain_reason", "ood_score", "ood_threshold", "region", "region_side",
-                  "crops": [{"slice", "bbox", "probabilities", "max_cosine", "ood_score"}],
+                  "air_share", "crops": [{"slice", "bbox", "probabilities", "max_cosine", "ood_score"}],
                   "timing_s": {"load", "preprocess", "inference", "ood", "total"}, "warnings": [...],
                   "series": {...} (DICOM inputs only: the staged series, `dicom_study.series_record`)}],
      "errors": [{"input", "error"}]}
@@ -18,6 +18,8 @@ without a gate, whose results are all uncertain (runtime/ood.py). `region_side` 
 region's centroid relative to the body's midline in half body widths, positive on the patient's
 right; below 0 the result is uncertain; null where the midline is unknown (runtime/laterality.py).
 `region` says how the liver region was given: "mask", "bbox" or "auto" (--roi auto).
+`air_share` is the share of the volume's voxels at or below -500 (air in a CT's Hounsfield units;
+an MR magnitude image has none); from 0.01 the result is uncertain (runtime/intensity.py).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def result_to_dict(result: "VolumeResult") -> dict[str, Any]:
         "ood_threshold": ood.threshold,
         "region": result.region,
         "region_side": None if result.region_side is None else _r(result.region_side),
+        "air_share": None if result.air_share is None else _r(result.air_share),
         "crops": crops,
         "timing_s": {k: _r(v, 4) for k, v in result.timing.items()},
         "warnings": list(result.warnings),

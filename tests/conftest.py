@@ -53,6 +53,29 @@ def run_cli(capsys):
     return run
 
 
+@pytest.fixture
+def predict_strict(run_cli, tmp_path):
+    """predict_strict(name, data, mask, affine, model) -> (exit code, the report's one result):
+    `data` and `mask` saved as NAME.nii.gz and NAME_mask.nii.gz and staged by `predict --strict
+    --quiet` with the mask (asserting nothing on stderr), as a user stages one volume."""
+    import json  # noqa: PLC0415
+
+    import nibabel as nib  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    def run(name, data, mask, affine, model):
+        image, mask_file, report = (tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_mask.nii.gz",
+                                    tmp_path / f"{name}.json")
+        nib.save(nib.Nifti1Image(np.asarray(data), affine), image)
+        nib.save(nib.Nifti1Image(np.asarray(mask).astype(np.uint8), affine), mask_file)
+        code, _, err = run_cli(["predict", image, "--model", model, "--mask", mask_file, "--report", report,
+                                "--strict", "--quiet"])
+        assert err == ""
+        return code, json.loads(report.read_text())["results"][0]
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def benchmark_module():
     """Import a benchmarks/ script by its module name, with benchmarks/ on sys.path for the test

@@ -2,8 +2,6 @@
 patients) are on the right, their mirrored copies are flagged through predict, and a body cut
 by the field of view is not judged."""
 
-import json
-
 import numpy as np
 import pytest
 from nibabel import orientations
@@ -69,22 +67,13 @@ def test_with_side_makes_the_verdict_uncertain_and_keeps_the_gate_figures():
     assert NO_GATE.reason in left.reason and left.score is NO_GATE.score
 
 
-def test_predict_flags_a_mirrored_liver_and_keeps_its_stage(gated_model, tmp_path, run_cli):
+def test_predict_flags_a_mirrored_liver_and_keeps_its_stage(gated_model, predict_strict):
     """End to end from NIfTI files: the same phantom as stored and mirrored; the mirrored one is
     uncertain with the side's reason (exit 3 under --strict), the stored one is not flagged by
     its side, and the side is in both reports."""
-    import nibabel as nib  # noqa: PLC0415
-
     volume, liver = canonical_phantom(1, in_plane=64)
-    reports = {}
-    for name, (vol, mask) in {"stored": (volume, liver), "mirrored": mirrored(volume, liver)}.items():
-        nib.save(nib.Nifti1Image(np.asarray(vol.data), vol.affine), tmp_path / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), vol.affine), tmp_path / f"{name}_mask.nii.gz")
-        report = tmp_path / f"{name}.json"
-        code, _, err = run_cli(["predict", tmp_path / f"{name}.nii.gz", "--model", gated_model, "--mask",
-                                tmp_path / f"{name}_mask.nii.gz", "--report", report, "--strict", "--quiet"])
-        reports[name] = (code, json.loads(report.read_text())["results"][0])
-        assert err == ""
+    reports = {name: predict_strict(name, vol.data, mask, vol.affine, gated_model)
+               for name, (vol, mask) in {"stored": (volume, liver), "mirrored": mirrored(volume, liver)}.items()}
     code, result = reports["mirrored"]
     assert code == 3 and result["uncertain"] is True and result["region_side"] < -0.1
     assert result["uncertain_reason"].startswith("the liver region lies on the patient's left")

@@ -46,7 +46,7 @@ def test_schema_is_exactly_the_documented_one(tmp_path):
     assert set(data["model"]) == {"path", "sha256", "backend", "precision"}
     r = data["results"][0]
     assert set(r) == {"input", "stage", "stage_name", "probabilities", "uncertain", "uncertain_reason", "ood_score",
-                      "ood_threshold", "region", "region_side", "crops", "timing_s", "warnings"}
+                      "ood_threshold", "region", "region_side", "air_share", "crops", "timing_s", "warnings"}
     assert set(r["probabilities"]) == {"A", "B", "C"}
     assert set(r["timing_s"]) == {"load", "preprocess", "inference", "ood", "total"}
     assert set(r["crops"][0]) == {"slice", "bbox", "probabilities", "max_cosine", "ood_score"}

@@ -44,9 +44,9 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from liverstage.runtime.errors import InputError
-from liverstage.runtime.ood import (BANK_REGION_WORDS, BASIS_DIM, FAR_OOD_TARGET, DESCRIPTOR_FAMILIES, GATE_FORMAT_VERSION,
-                                    GATE_METHOD, PARTS, SPHERE_PARTS, THRESHOLD, CropScores, OodGate, encode_array,
-                                    image_descriptor, normalise_rows)
+from liverstage.runtime.ood import (BANK_REGION_WORDS, BASIS_DIM, DESCRIPTOR_FAMILIES, FAR_OOD_TARGET,
+                                    GATE_FORMAT_VERSION, GATE_METHOD, PARTS, SPHERE_PARTS, THRESHOLD, CropScores,
+                                    OodGate, encode_array, image_descriptor, normalise_rows)
 
 FALSE_ALARM_RATE = 0.02  # per crop, on held-out in-distribution crops, both parts together
 K_NEIGHBOURS = 5

@@ -15,8 +15,8 @@ import pytest
 from liverstage.export.ood_fit import MAX_BANK, build_gate, payload_bytes
 from liverstage.runtime.backends import open_backend
 from liverstage.runtime.errors import ModelError
-from liverstage.runtime.ood import (DESCRIPTOR_DIM, FAR_OOD_TARGET, NO_GATE_REASON, PARTS, OodGate, decode_array, encode_array,
-                                    image_descriptor, descriptor_factor)
+from liverstage.runtime.ood import (DESCRIPTOR_DIM, FAR_OOD_TARGET, NO_GATE_REASON, PARTS, OodGate, decode_array,
+                                    encode_array, image_descriptor, descriptor_factor)
 from liverstage.runtime.predict import Predictor
 
 CROP = 32

@@ -44,9 +44,9 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from liverstage.runtime.errors import InputError
-from liverstage.runtime.ood import (BANK_REGION_WORDS, BASIS_DIM, DESCRIPTOR_FAMILIES, FAR_OOD_TARGET,
-                                    GATE_FORMAT_VERSION, GATE_METHOD, PARTS, SPHERE_PARTS, THRESHOLD, CropScores,
-                                    OodGate, encode_array, image_descriptor, normalise_rows)
+from liverstage.runtime.ood import (BANK_REGION_WORDS, BANK_REGIONS_WITH_AUTO, BASIS_DIM, DESCRIPTOR_FAMILIES,
+                                    FAR_OOD_TARGET, GATE_FORMAT_VERSION, GATE_METHOD, PARTS, SPHERE_PARTS, THRESHOLD,
+                                    CropScores, OodGate, encode_array, image_descriptor, normalise_rows)
 
 FALSE_ALARM_RATE = 0.02  # per crop, on held-out in-distribution crops, both parts together
 K_NEIGHBOURS = 5
@@ -335,7 +335,7 @@ def detection_shortfall(figures: dict[str, Any]) -> str | None:
             f"volumes, below the target of {FAR_OOD_TARGET:.0%} (missed most: "
             + ", ".join(f"{kind} {share:.0%}" for share, kind in missed[:3])
             + "); predict warns on every result of this model")
-    if figures["fit"].get("bank_regions") in ("auto", "mixed"):
+    if figures["fit"].get("bank_regions") in BANK_REGIONS_WITH_AUTO:
         text += ("; its bank crops were cut with --roi auto (on the demo's phantoms, a model trained on crops cut "
                  "both ways flagged 68% of these volumes, one trained on mask crops 100%): train on crops cut "
                  "from liver masks")

@@ -324,6 +324,7 @@ REGION_WORDS = {"bbox": "a box (--bbox)", "auto": "a rough liver region found wi
 REGIONS = ("mask", *REGION_WORDS)
 BANK_REGION_WORDS = {"mask": "from liver masks", "auto": "with --roi auto", "mixed": "from liver masks and with --roi auto"}
 BANK_REGIONS = tuple(BANK_REGION_WORDS)  # export/data.py region_kind
+BANK_REGIONS_WITH_AUTO = ("auto", "mixed")  # banks that hold crops cut with --roi auto
 
 # The least share of export's far-out-of-distribution volumes (export/ood_sets.py) a gate must flag
 # or refuse; below it export warns and predict warns on every result (`OodGate.detection_warning`).
@@ -365,10 +366,10 @@ class OodGate:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{source}: invalid out-of-distribution gate in its metadata ({exc})") from None
         self.clip = (float(clip_low), float(clip_high))
-        fit = config.get("fit")
-        regions = fit.get("bank_regions") if isinstance(fit, dict) else None
+        fit = config.get("fit") if isinstance(config.get("fit"), dict) else {}
+        regions = fit.get("bank_regions")
         self.bank_regions = regions if regions in BANK_REGIONS else None  # None: not recorded (older exports)
-        detection = fit.get("far_ood_detection") if isinstance(fit, dict) else None
+        detection = fit.get("far_ood_detection")
         self.far_ood_detection = (float(detection) if isinstance(detection, (int, float))
                                   and not isinstance(detection, bool) and 0.0 <= detection <= 1.0 else None)
         self.dims = {part: int(self.bases[part].shape[0]) for part in SPHERE_PARTS}
@@ -455,7 +456,7 @@ class OodGate:
 
     def _cause(self, region: str) -> str:
         """The likely cause of atypical crops, for a volume whose region was given as `region`."""
-        if region == "mask" or (region == "auto" and self.bank_regions in ("auto", "mixed")):
+        if region == "mask" or (region == "auto" and self.bank_regions in BANK_REGIONS_WITH_AUTO):
             return "not liver MRI like the training data, so the stage is not reliable"
         cut = f"its crops were cut from {REGION_WORDS[region]}"
         if self.bank_regions is None:  # not recorded: say what holds for a model trained on masks

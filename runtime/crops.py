@@ -6,7 +6,8 @@ Training, `liverstage crops` and `liverstage predict` all call `crops_for_volume
 Per axial slice (canonical z) whose region area is at least `min_area_fraction` of the largest
 slice's: take the square bounding box of the region in that slice, grown by `box_margin` of its
 side on every side, normalise intensities with percentiles taken inside the region over the
-whole volume (-> 0..1, clipped to [clip_low, clip_high]; outside the image and non-finite voxels
+whole volume, less `percentile_inset` voxels along its in-plane edge (-> 0..1, clipped to
+[clip_low, clip_high]; outside the image and non-finite voxels
 outside the region read as clip_low, i.e. dark background), and resample to crop_size with a
 triangle filter widened when shrinking (anti-aliased, like PIL's BILINEAR resize).
 
@@ -184,6 +185,45 @@ def _normalise(values: np.ndarray, lo: float, hi: float, spec: PreprocessSpec) -
     return _normalise_in_place(np.array(values, dtype=np.float64), lo, hi, spec)
 
 
+def eroded_in_plane(region: np.ndarray, steps: int) -> np.ndarray:
+    """The bool [X, Y, Z] region less `steps` voxels along its in-plane edge: each step keeps a
+    voxel whose four in-plane neighbours are all in the region (outside the array counts as
+    outside the region), as scipy.ndimage.binary_erosion with a 4-neighbour cross per slice.
+    Computed inside the region's bounding box (the liver's, a fraction of the volume)."""
+    if steps == 0:
+        return region.copy()
+    out = np.zeros_like(region)
+    if not region.any():
+        return out
+    x = np.nonzero(region.any(axis=(1, 2)))[0]
+    y = np.nonzero(region.any(axis=(0, 2)))[0]
+    z = np.nonzero(region.any(axis=(0, 1)))[0]
+    box = (slice(x[0], x[-1] + 1), slice(y[0], y[-1] + 1), slice(z[0], z[-1] + 1))
+    core = np.array(region[box], order="F")  # one memory layout for every operand: 4x faster
+    for _ in range(steps):
+        inner = core.copy(order="F")
+        inner[1:] &= core[:-1]
+        inner[:-1] &= core[1:]
+        inner[:, 1:] &= core[:, :-1]
+        inner[:, :-1] &= core[:, 1:]
+        # The box's edge rows touch the outside of the region (or of the array): never interior.
+        inner[0] = inner[-1] = False
+        inner[:, 0] = inner[:, -1] = False
+        core = inner
+    out[box] = core
+    return out
+
+
+def percentile_region(region: np.ndarray, inset: int) -> np.ndarray:
+    """The voxels whose intensities set the normalisation (PreprocessSpec.percentile_inset): the
+    region less `inset` in-plane voxels along its edge, or the region itself when that keeps
+    less than half of it (a thin region is mostly edge; its percentiles then come from all of it)."""
+    if inset == 0:
+        return region
+    core = eroded_in_plane(region, inset)
+    return core if 2 * int(np.count_nonzero(core)) >= int(np.count_nonzero(region)) else region
+
+
 def make_crops(volume: Volume, region: np.ndarray, spec: PreprocessSpec) -> CropSet:
     """Crops of `volume` over the bool `region` (canonical grid) as `spec` says."""
     if not isinstance(spec, PreprocessSpec):
@@ -202,6 +242,9 @@ def make_crops(volume: Volume, region: np.ndarray, spec: PreprocessSpec) -> Crop
     bad = int(np.count_nonzero(~np.isfinite(inside)))
     if bad:
         raise InputError(f"{bad} non-finite voxel(s) (NaN/inf) inside the liver region of {volume.source}")
+    core = percentile_region(region, spec.percentile_inset)
+    if core is not region:
+        inside = data.ravel(order="K")[core.ravel(order="K")] if data.flags.f_contiguous else data[core]
     lo, hi = (float(v) for v in np.percentile(inside.astype(np.float64), [spec.percentile_low, spec.percentile_high]))
     if not hi > lo:
         raise InputError(

@@ -15,6 +15,9 @@ from typing import Any
 from . import checks
 
 SPEC_VERSION = 1
+# Fields added after version 1 was written, with the value that gives a model saved without
+# them the preprocessing it was trained with.
+LEGACY_DEFAULTS = {"percentile_inset": 0}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -33,6 +36,12 @@ class PreprocessSpec:
         of the largest slice's region area (drops the liver's thin top and bottom slices).
     percentile_low / percentile_high: intensity percentiles, taken inside the region over the
         whole volume, mapped to 0 and 1.
+    percentile_inset: the percentiles are taken over the region less this many voxels along its
+        in-plane edge (the region's in-plane erosion; the whole region where that would leave
+        less than half of it). Why: a mask one voxel wider than the liver adds a ring of fat and
+        neighbouring organ that is 10-20 % of the region's voxels, moves its 0.5th percentile by
+        half the liver's range and so changes every crop (README: masks that are not the
+        training masks). 0 is the behaviour of models made before this field existed.
     clip_low / clip_high: normalised intensities are clipped to this range (keeps the values a
         little beyond the liver's own range, e.g. bright vessels and dark fat, without outliers).
     Each field is checked by its validator in runtime/checks.py.
@@ -47,6 +56,8 @@ class PreprocessSpec:
         default=0.5, metadata=_help("Percentile inside the region mapped to 0."))
     percentile_high: float = dataclasses.field(
         default=99.5, metadata=_help("Percentile inside the region mapped to 1."))
+    percentile_inset: int = dataclasses.field(
+        default=3, metadata=_help("In-plane voxels trimmed off the region's edge before its percentiles are taken."))
     clip_low: float = dataclasses.field(
         default=-0.5, metadata=_help("Normalised values below this are raised to it."))
     clip_high: float = dataclasses.field(default=1.5, metadata=_help("Normalised values above this are lowered to it."))
@@ -58,6 +69,7 @@ class PreprocessSpec:
         object.__setattr__(self, "box_margin", checks.number(self.box_margin, "box_margin", low=0.0, high=2.0))
         object.__setattr__(self, "min_area_fraction",
                            checks.number(self.min_area_fraction, "min_area_fraction", low=0.0, high=1.0))
+        object.__setattr__(self, "percentile_inset", checks.integer(self.percentile_inset, "percentile_inset", low=0, high=16))
         for name in ("percentile_low", "percentile_high", "clip_low", "clip_high"):
             object.__setattr__(self, name, checks.number(getattr(self, name), name))
         if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
@@ -89,7 +101,7 @@ class PreprocessSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown PreprocessSpec field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**{**LEGACY_DEFAULTS, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

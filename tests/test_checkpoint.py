@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from liverstage.runtime.errors import ModelError  # noqa: E402
-from liverstage.runtime.spec import PreprocessSpec  # noqa: E402
+from liverstage.runtime.spec import LEGACY_DEFAULTS, PreprocessSpec  # noqa: E402
 from liverstage.train.checkpoint import Checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 from liverstage.train.model import build_model  # noqa: E402
 
@@ -36,7 +36,11 @@ def test_a_version_1_file_loads_with_every_field(v1_file):
     on_disk = torch.load(path, weights_only=True)
     again = ckpt.to_dict()
     assert set(again) == set(on_disk)
-    assert {k: v for k, v in again.items() if k != "state_dict"} == {k: v for k, v in on_disk.items() if k != "state_dict"}
+    # Written again, the spec states the fields added since version 1 with their legacy values.
+    assert again["preprocess"] == {**on_disk["preprocess"], **LEGACY_DEFAULTS}
+    assert PreprocessSpec.from_dict(again["preprocess"]).percentile_inset == 0
+    assert ({k: v for k, v in again.items() if k not in ("state_dict", "preprocess")}
+            == {k: v for k, v in on_disk.items() if k not in ("state_dict", "preprocess")})
     model, _ = load_checkpoint(path)
     x = torch.rand(2, 1, 48, 48)
     with torch.no_grad():

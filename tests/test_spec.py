@@ -30,7 +30,7 @@ def test_hash_is_stable_across_processes():
 def test_hash_changes_with_every_field():
     base = PreprocessSpec()
     changes = {"crop_size": 112, "box_margin": 0.3, "min_area_fraction": 0.5, "percentile_low": 1.0,
-               "percentile_high": 99.0, "clip_low": -1.0, "clip_high": 2.0}
+               "percentile_high": 99.0, "percentile_inset": 0, "clip_low": -1.0, "clip_high": 2.0}
     fields = {f.name for f in dataclasses.fields(PreprocessSpec)} - {"version"}
     assert set(changes) == fields  # a new field must be added here
     hashes = {base.hash}
@@ -47,11 +47,21 @@ def test_int_and_float_give_the_same_hash():
     "changes",
     [{"crop_size": 4}, {"crop_size": 64.0}, {"box_margin": -0.1}, {"min_area_fraction": 1.5},
      {"percentile_low": 60, "percentile_high": 50}, {"clip_low": 1.0, "clip_high": 1.0},
-     {"box_margin": "0.1"}, {"version": SPEC_VERSION + 1}],
+     {"box_margin": "0.1"}, {"version": SPEC_VERSION + 1}, {"percentile_inset": -1}, {"percentile_inset": 17},
+     {"percentile_inset": 2.0}, {"percentile_inset": True}],
 )
 def test_invalid_values_are_refused(changes):
     with pytest.raises(ValueError):
         PreprocessSpec(**changes)
+
+
+def test_a_spec_saved_before_percentile_inset_reads_as_no_inset():
+    """Models exported before the field existed took their percentiles over the whole region:
+    their stored spec (without the field) must give that preprocessing, not today's default."""
+    old = {k: v for k, v in PreprocessSpec().to_dict().items() if k != "percentile_inset"}
+    assert PreprocessSpec().percentile_inset == 3
+    assert PreprocessSpec.from_dict(old).percentile_inset == 0
+    assert PreprocessSpec.from_dict({**old, "percentile_inset": 3}).percentile_inset == 3
 
 
 def test_unknown_field_and_frozen():

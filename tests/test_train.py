@@ -343,10 +343,10 @@ def test_train_takes_every_crops_option_and_stores_it(cohort, cache, tmp_path):
     spec_file.write_text(PreprocessSpec(crop_size=40, clip_low=-1.0).to_json())
     _cli(["train", "--manifest", str(cohort), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32",
           "--spec", str(spec_file), "--crop-size", str(CROP), "--box-margin", "0.3", "--min-area-fraction", "0.4",
-          "--percentile-low", "1", "--percentile-high", "99", "--clip-high", "2", "--cache-dir", str(cache),
+          "--percentile-low", "1", "--percentile-high", "99", "--percentile-inset", "1", "--clip-high", "2", "--cache-dir", str(cache),
           "--device", "cpu", "--no-progress"])
     expected = PreprocessSpec(crop_size=CROP, box_margin=0.3, min_area_fraction=0.4, percentile_low=1.0,
-                              percentile_high=99.0, clip_low=-1.0, clip_high=2.0)
+                              percentile_high=99.0, percentile_inset=1, clip_low=-1.0, clip_high=2.0)
     ckpt = read_checkpoint(tmp_path / "run" / "model.pt")
     assert ckpt.preprocess == expected
     assert {k: ckpt.args[k] for k in PreprocessSpec.option_names()} == {

@@ -291,13 +291,9 @@ def _liver_phantom_with_dark_rim():
     data = np.where(body2d, 200.0, 20.0)[:, :, None] + rng.normal(0, 15, (96, 96, 10))
     liver = np.repeat(liver2d[:, :, None], 10, axis=2)
     data[liver] = rng.normal(700, 60, int(liver.sum()))
-    return volume_from_array_eye(data), liver
-
-
-def volume_from_array_eye(data):
     from liverstage.runtime.io import volume_from_array
 
-    return volume_from_array(data.astype(np.float32), np.diag([1.5, 1.5, 5.0, 1.0]), source="rim phantom")
+    return volume_from_array(data.astype(np.float32), np.diag([1.5, 1.5, 5.0, 1.0]), source="rim phantom"), liver
 
 
 def test_a_mask_one_voxel_too_wide_keeps_the_normalisation():

@@ -69,6 +69,12 @@ import numpy as np
 from .errors import ModelError
 from .model_meta import EARLY_STATS_OUTPUT
 
+try:  # built at install from _gate_kernels.c (setup.py); where it could not be, the numpy code runs
+    from . import _gate_kernels as _built_kernels
+except ImportError:  # pragma: no cover - depends on the install
+    _built_kernels = None
+_gate_kernels = _built_kernels  # the kernels in use (None: the numpy code); see use_gate_kernels
+
 GATE_METHOD = "knn-embedding+knn-early+knn-image"
 GATE_FORMAT_VERSION = 2
 PARTS = ("embedding", "early", "image")
@@ -82,6 +88,26 @@ TEXTURE_SCALES = (1, 2, 4)
 DESCRIPTOR_MIN_SIZE = 56
 DESCRIPTOR_FAMILIES = {"layout": LAYOUT_BLOCKS**2, "histogram": HISTOGRAM_BINS, "texture": len(TEXTURE_SCALES) + 1}
 DESCRIPTOR_DIM = sum(DESCRIPTOR_FAMILIES.values())
+
+
+def gate_kernels() -> str:
+    """Which code computes the gate's per-batch work: "compiled" (runtime/_gate_kernels.c, built
+    at install) or "numpy" (this module's reference code, where no C compiler was found). Both
+    give the same verdicts and the same scores up to float32 rounding (tests/test_ood.py); only
+    the time differs (the whole per-batch part at batch 16: 0.65-0.71 -> 0.33-0.37 ms at 64 px,
+    0.92-1.07 -> 0.63-0.66 ms at 224 px; benchmarks/gate_cost.py)."""
+    return "compiled" if _gate_kernels is not None else "numpy"
+
+
+def use_gate_kernels(kind: str) -> None:
+    """Compute the gate with "compiled" kernels or the "numpy" reference code from now on (process-
+    wide), for benchmarks and tests that compare the two in one process."""
+    global _gate_kernels
+    if kind not in ("compiled", "numpy"):
+        raise ValueError(f"kind must be 'compiled' or 'numpy', got {kind!r}")
+    if kind == "compiled" and _built_kernels is None:
+        raise ValueError("the gate's compiled kernels were not built at install (no C compiler?)")
+    _gate_kernels = _built_kernels if kind == "compiled" else None
 
 
 def encode_array(values: np.ndarray) -> dict[str, Any]:
@@ -208,10 +234,27 @@ def image_descriptor(images: np.ndarray, *, clip_low: float, clip_high: float) -
     differences at that, 1/2 and 1/4 resolution, each relative to the crop's standard deviation,
     and that deviation; histogram: 16 bins over the clip range of the half-resolution image;
     layout: 8 x 8 block means of the quarter-resolution image. The block average keeps the cost
-    near one pass over the crop.
+    near one pass over the crop. Computed by the compiled kernel where it was built
+    (`gate_kernels`), else by `image_descriptor_numpy`: the same histogram bit for bit, the rest
+    to float32 rounding.
     """
     x = np.asarray(images, dtype=np.float32).reshape(len(images), images.shape[-2], images.shape[-1])
-    x = _block_mean(x, descriptor_factor(min(x.shape[1:])))
+    factor = descriptor_factor(min(x.shape[1:]))
+    if _gate_kernels is None or x.shape[1] != x.shape[2] or len(x) == 0:
+        return image_descriptor_numpy(_block_mean(x, factor), clip_low=clip_low, clip_high=clip_high)
+    sides = [x.shape[1] // factor]
+    for _ in TEXTURE_SCALES[1:]:  # the levels' sides, as image_descriptor_numpy pools them
+        sides.append(sides[-1] // 2 if sides[-1] >= 4 else sides[-1])
+    coarse = next((side for side in reversed(sides) if side >= LAYOUT_BLOCKS), sides[0])
+    out = np.empty((len(x), DESCRIPTOR_DIM), dtype=np.float32)
+    _gate_kernels.image_descriptor(np.ascontiguousarray(x), len(x), x.shape[1], factor, layout_matrix(coarse),
+                                   float(clip_low), float(clip_high), out)
+    return out
+
+
+def image_descriptor_numpy(x: np.ndarray, *, clip_low: float, clip_high: float) -> np.ndarray:
+    """`image_descriptor` of [N, S, S] crops already block-averaged, in numpy: the reference the
+    compiled kernel is tested against, and the code that runs where it was not built."""
     n = x.shape[0]
     spread = np.maximum(_spread(x), np.float32(1e-6))
     levels = [x]
@@ -253,14 +296,26 @@ def one_blas_thread() -> None:
 REMOVE_MAXIMA_UP_TO_K = 16
 
 
-def kth_largest_inplace(values: np.ndarray, k: int) -> np.ndarray:
+def kth_largest(values: np.ndarray, k: int) -> np.ndarray:
     """Each row's k-th largest value of a [N, K] float array (ties counted: the value
-    np.partition puts at K - k); `values` is overwritten.
+    np.partition puts at K - k); `values` may be overwritten.
 
-    Why not np.partition: for the gate's k (5) it sorts far more than it needs to. Setting each
-    row's maximum to -inf k - 1 times and taking the maximum gives the same value, bit for bit,
-    in 14 us on the demo's [16, 782] similarities, where np.partition took 49 us (three times per
-    batch). The inputs are finite: predict refuses a batch whose model outputs are not."""
+    The compiled kernel (`gate_kernels`) keeps a sorted list of each row's k largest in one pass
+    (7 us on the demo's [16, 782] similarities). The numpy form, where it was not built: setting
+    each row's maximum to -inf k - 1 times and taking the maximum gives the same value, bit for
+    bit, in 12-14 us where np.partition took 49 us (three times per batch); np.partition above
+    REMOVE_MAXIMA_UP_TO_K. The inputs are finite or -inf (export's excluded bank rows): predict
+    refuses a batch whose model outputs are not finite."""
+    if (_gate_kernels is not None and values.dtype == np.float32 and values.ndim == 2 and len(values) > 0
+            and 1 <= k <= values.shape[1]):
+        out = np.empty(len(values), dtype=np.float32)
+        _gate_kernels.kth_largest(np.ascontiguousarray(values), len(values), values.shape[1], int(k), out)
+        return out
+    return kth_largest_numpy(values, k)
+
+
+def kth_largest_numpy(values: np.ndarray, k: int) -> np.ndarray:
+    """`kth_largest` in numpy (the reference for the compiled kernel); `values` is overwritten."""
     if k > REMOVE_MAXIMA_UP_TO_K:
         return np.partition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k]
     rows = np.arange(len(values))
@@ -278,12 +333,15 @@ def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k
     thresholds; the runtime passes none).
     """
     q = np.asarray(queries, dtype=np.float32)
-    d2 = np.einsum("ij,ij->i", q, q)[:, None] + bank_sq[None, :] - 2.0 * matmul(q, bank_t)
+    # |q - b|^2 = |q|^2 - (2 q.b - |b|^2): the k-th smallest squared distance is |q|^2 less the
+    # k-th largest "closeness" 2 q.b - |b|^2, made in place in the product's own array
+    closeness = matmul(q, bank_t)
+    closeness *= np.float32(2.0)
+    closeness -= bank_sq
     if exclude is not None:
-        d2[exclude] = np.inf
-    np.negative(d2, out=d2)  # the k-th smallest squared distance is the k-th largest of its negation
-    kth = -kth_largest_inplace(d2, k)
-    return np.sqrt(np.maximum(kth.astype(np.float64), 0.0))
+        closeness[exclude] = -np.inf
+    kth = kth_largest(closeness, k).astype(np.float64)
+    return np.sqrt(np.maximum(np.einsum("ij,ij->i", q, q) - kth, 0.0))
 
 
 def _median(values: np.ndarray) -> float:
@@ -410,7 +468,7 @@ class OodGate:
         sims = matmul(matmul(rows, self.bases[part]), self._sphere_banks_t[part])
         if exclude is not None:
             sims[exclude] = -np.inf
-        kth = kth_largest_inplace(sims, self.k[part])
+        kth = kth_largest(sims, self.k[part])
         return np.sqrt(np.clip(2.0 - 2.0 * kth.astype(np.float64), 0.0, 4.0))
 
     def scores(self, outputs: dict[str, np.ndarray], images: np.ndarray, *,

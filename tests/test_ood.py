@@ -103,7 +103,7 @@ def test_the_volume_median_is_numpys():
 
 
 def test_kth_largest_is_numpys_partition_value():
-    from liverstage.runtime.ood import REMOVE_MAXIMA_UP_TO_K, kth_largest_inplace
+    from liverstage.runtime.ood import REMOVE_MAXIMA_UP_TO_K, kth_largest
 
     rng = np.random.default_rng(5)
     for trial in range(300):
@@ -113,8 +113,86 @@ def test_kth_largest_is_numpys_partition_value():
             values[rng.random(values.shape) < 0.3] = -np.inf  # excluded bank rows (export)
         k = int(rng.integers(1, width + 1))
         expected = np.partition(values, width - k, axis=1)[:, width - k]
-        assert np.array_equal(kth_largest_inplace(values.copy(), k), expected), (trial, k)
+        assert np.array_equal(kth_largest(values.copy(), k), expected), (trial, k)
     assert REMOVE_MAXIMA_UP_TO_K < 59  # both branches were exercised above
+
+
+@pytest.fixture
+def numpy_gate_code():
+    """Runs a test's gate with the numpy reference code, and puts the kernels back afterwards."""
+    from liverstage.runtime import ood
+
+    before = ood.gate_kernels()
+    ood.use_gate_kernels("numpy")
+    yield
+    ood.use_gate_kernels(before)
+
+
+def test_gate_kernels_are_built_where_a_compiler_is():
+    """setup.py builds them optionally: a failed build must not pass unnoticed on a machine that
+    can compile (the numpy code would run, twice as slow)."""
+    import shutil
+    import sysconfig
+
+    from liverstage.runtime.ood import gate_kernels, use_gate_kernels
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) here: the numpy code runs")
+    assert gate_kernels() == "compiled"
+    with pytest.raises(ValueError, match="'compiled' or 'numpy'"):
+        use_gate_kernels("fast")
+
+
+def test_compiled_descriptor_is_the_numpy_reference():
+    """Every crop size the levels and the layout treat differently (under 4, under 8, odd, the
+    descriptor's block factor), scales far outside the clip range, constant and sparse crops: the
+    histogram is the same bit for bit (the same float32 operations bin the same pixels), the
+    rest agrees to float32 rounding."""
+    from liverstage.runtime import ood
+
+    if ood.gate_kernels() != "compiled":
+        pytest.skip("the gate's compiled kernels were not built here")
+    rng = np.random.default_rng(11)
+    for size in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 31, 32, 33, 56, 63, 64, 111, 112, 224):
+        for scale, offset in ((1.0, 0.0), (50.0, -20.0), (1e-3, 0.5), (0.0, 0.7)):
+            images = (rng.standard_normal((5, 1, size, size)) * scale + offset).astype(np.float32)
+            images[1, 0, : size // 2] = 0.0  # a crop half blank
+            compiled = ood.image_descriptor(images, clip_low=-1.5, clip_high=2.5)
+            x = ood._block_mean(images.reshape(5, size, size), ood.descriptor_factor(size))
+            reference = ood.image_descriptor_numpy(x, clip_low=-1.5, clip_high=2.5)
+            assert compiled.dtype == np.float32 and compiled.shape == (5, DESCRIPTOR_DIM)
+            assert np.array_equal(compiled[:, 64:80], reference[:, 64:80]), (size, scale)
+            np.testing.assert_allclose(compiled, reference, rtol=2e-5, atol=1e-6 * max(scale, 1e-3), err_msg=f"{size}, {scale}")
+
+
+def test_kth_largest_is_the_same_in_both_codes(numpy_gate_code):
+    """The numpy form (kth_largest_numpy, where the kernels were not built) against np.partition,
+    as test_kth_largest_is_numpys_partition_value checks the form in use."""
+    test_kth_largest_is_numpys_partition_value()
+
+
+def test_gate_scores_are_the_same_in_both_codes(gated_model, cohort_crops):
+    """The whole per-batch work, compiled and numpy, on the tiny model's own outputs: the sphere
+    parts' distances bit for bit (only the selection is compiled), the image part to float32
+    rounding; every verdict the same."""
+    from liverstage.runtime import ood
+
+    if ood.gate_kernels() != "compiled":
+        pytest.skip("the gate's compiled kernels were not built here")
+    backend = open_backend(gated_model, device="cpu")
+    gate = OodGate.from_metadata(backend.metadata)
+    for _, _, crops in cohort_crops:
+        outputs = backend.run(crops)
+        compiled = gate.scores(outputs, crops)
+        ood.use_gate_kernels("numpy")
+        try:
+            reference = gate.scores(outputs, crops)
+        finally:
+            ood.use_gate_kernels("compiled")
+        assert np.array_equal(compiled.embedding, reference.embedding) and np.array_equal(compiled.early, reference.early)
+        np.testing.assert_allclose(compiled.image, reference.image, rtol=1e-4, atol=1e-5)
+        assert gate.judge(compiled).uncertain == gate.judge(reference).uncertain
 
 
 def test_gate_payload_for_resnet50_outputs():

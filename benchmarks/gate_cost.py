@@ -20,7 +20,9 @@ more than the whole effect:
             f32); convolutions are left out, their run-to-run variation is larger than the
             whole effect
 The numpy part is timed on the gated model's own outputs for the batch (p50 over the runs), as
-`liverstage bench` times it. The reference for every share is the model without the gate, timed
+`liverstage bench` times it, with the gate's compiled kernels (runtime/_gate_kernels.c) where they
+were built, and again with its numpy reference code (the column "numpy code"; the totals use the
+kernels in use). The reference for every share is the model without the gate, timed
 in the same run. The sessions use the runtime backends' settings (runtime/backends): ONNX Runtime
 with `--threads` intra-op threads, no spinning; OpenVINO with the latency hint, `--threads`
 inference threads, an explicit precision hint and, under bf16, the backend's tap on the early
@@ -46,7 +48,7 @@ from liverstage.runtime.backends import open_backend
 from liverstage.runtime.backends.openvino import import_openvino, openvino_installed, tap_early_stage
 from liverstage.runtime.bench import percentiles, time_calls
 from liverstage.runtime.model_meta import EARLY_STATS_OUTPUT, INPUT_NAME
-from liverstage.runtime.ood import OodGate
+from liverstage.runtime.ood import OodGate, gate_kernels, use_gate_kernels
 
 BLOCK = 10
 CONVOLUTIONS = ("Conv", "QLinearConv", "Convolution", "FusedConv", "NhwcFusedConv")  # the backbone's; not the bf16 tap (GroupConvolution)
@@ -172,14 +174,25 @@ def measure(name: str, paths: dict[str, Path], stripped: dict[str, Path], batch:
             "in_graph_profiled_ms": total, "in_graph_changes": [[k, round(d, 4)] for d, k in counted]}
 
 
-def numpy_part_ms(backend, batch: np.ndarray, iters: int) -> float:
-    """p50 of the gate's numpy part on this batch's outputs of the gated model (a runtime backend)."""
+def numpy_part_ms(backend, batch: np.ndarray, iters: int) -> dict[str, float]:
+    """p50 of the gate's numpy part on this batch's outputs of the gated model (a runtime backend),
+    per kind of code: the kernels in use, and the numpy reference code where they are compiled
+    (the two alternated in blocks, so both see the same machine load)."""
     gate = OodGate.from_metadata(backend.metadata, source=str(backend.path))
     if gate is None:
         raise SystemExit(f"{backend.path}: carries no out-of-distribution gate")
     outputs = backend.run(batch)
-    samples = time_calls(lambda: gate.judge(gate.scores(outputs, batch)), warmup=5, iters=iters)
-    return percentiles(samples)["p50"] * 1e3
+    in_use = gate_kernels()
+    kinds = [in_use] + (["numpy"] if in_use == "compiled" else [])
+    samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+    try:
+        for _ in range(5):
+            for kind in kinds:
+                use_gate_kernels(kind)
+                samples[kind] += time_calls(lambda: gate.judge(gate.scores(outputs, batch)), warmup=5, iters=max(1, iters // 5))
+    finally:
+        use_gate_kernels(in_use)
+    return {kind: percentiles(values)["p50"] * 1e3 for kind, values in samples.items()}
 
 
 def parse_command_line(argv: list[str] | None, description: str) -> tuple[argparse.Namespace, list[str], dict[str, Path]]:
@@ -236,19 +249,23 @@ def main(argv: list[str] | None = None) -> int:
         stripped = {kind: without_gate_output(paths[kind], Path(tmp)) for kind in needed}
         numpy_ms = {kind: numpy_part_ms(gated[kind], batch, 50) for kind in needed}
         print(f"{args.model} ({size} px), batch {args.batch}, {args.threads} threads; shares of the model "
-              f"without the gate, timed in this run")
+              f"without the gate, timed in this run; the gate's per-batch part runs its {gate_kernels()} code")
         print(f"{'backend':14s} {'model ms':>9s} {'in-graph timed':>22s} {'profiled':>9s} {'numpy':>7s} "
-              f"{'total (timed)':>14s} {'total (profiled)':>17s}")
+              f"{'total (timed)':>14s} {'total (profiled)':>17s} {'numpy code':>11s}")
         for name in names:
             row = measure(name, paths, stripped, batch, args)
-            row["numpy_part_ms"] = numpy_ms[BACKENDS[name][0]]
+            part = numpy_ms[BACKENDS[name][0]]
+            row["gate_kernels"] = gate_kernels()
+            row["numpy_part_ms"] = part[gate_kernels()]
             row["numpy_part"] = row["numpy_part_ms"] / row["model_ms"]
+            row["numpy_code_part_ms"] = part.get("numpy")
             row["total_timed"] = row["in_graph_timed"] + row["numpy_part"]
             row["total_profiled"] = row["in_graph_profiled"] + row["numpy_part"]
             lo, hi = row["in_graph_timed_blocks"]
             print(f"{name:14s} {row['model_ms']:9.2f} {100 * row['in_graph_timed']:+6.1f} % [{100 * lo:+5.1f},{100 * hi:+5.1f}]"
                   f" {100 * row['in_graph_profiled']:7.1f} % {100 * row['numpy_part']:5.1f} % "
-                  f"{100 * row['total_timed']:12.1f} % {100 * row['total_profiled']:15.1f} %")
+                  f"{100 * row['total_timed']:12.1f} % {100 * row['total_profiled']:15.1f} %"
+                  + (f"{100 * row['numpy_code_part_ms'] / row['model_ms']:9.1f} %" if row["numpy_code_part_ms"] else "      n/a"))
             print(f"{'':14s} profiled, largest changes (ms): "
                   + ", ".join(f"{k} {d:+.3f}" for k, d in row["in_graph_changes"][:3] + row["in_graph_changes"][-1:]))
             rows.append(row)

@@ -40,7 +40,7 @@ from gate_cost import (BACKENDS, in_graph_profiled, numpy_part_ms, parse_command
 from liverstage.runtime.backends import open_backend
 from liverstage.runtime.model_meta import INPUT_NAME
 from liverstage.runtime.ood import (HISTOGRAM_BINS, LAYOUT_BLOCKS, NORM_EPS, PARTS, SPHERE_PARTS, TEXTURE_SCALES,
-                                    OodGate, descriptor_factor, layout_matrix)
+                                    OodGate, descriptor_factor, gate_kernels, layout_matrix)
 
 DISTANCES_OUTPUT = "ood_distances"
 AGREEMENT_RTOL = 1e-3
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             if agreement[kind] > AGREEMENT_RTOL:
                 raise SystemExit(f"{paths[kind]}: the in-graph distances differ from runtime/ood.py's by "
                                  f"{agreement[kind]:.2e} (relative): not timed")
-            numpy_ms[kind] = numpy_part_ms(open_backend(paths[kind], threads=args.threads), batch, 50)
+            numpy_ms[kind] = numpy_part_ms(open_backend(paths[kind], threads=args.threads), batch, 50)[gate_kernels()]
         print(f"{args.model} ({size} px), batch {args.batch}, {args.threads} threads; shares of the model without the "
               f"gate, timed in this run; in-graph distances agree with runtime/ood.py's to "
               + ", ".join(f"{agreement[k]:.1e} ({k})" for k in kinds))

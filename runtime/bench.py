@@ -266,6 +266,7 @@ def gate_cost(runner, batch: np.ndarray, model_p50_s: float, *, warmup: int, ite
 def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every requested backend at every batch size; return the JSON-ready result."""
     from .backends import open_backend  # noqa: PLC0415
+    from .ood import gate_kernels  # noqa: PLC0415
 
     cfg.validate()
     reference = open_backend(cfg.model, device=cfg.device if cfg.model.suffix != ".engine" else "auto",
@@ -332,7 +333,7 @@ def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] = lambda s: None) 
         "liverstage_version": __version__,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "threads": cfg.threads, "device": cfg.device,
-                    "matmul_peak_gflops": peak, "matmul_blas": blas_info()},
+                    "matmul_peak_gflops": peak, "matmul_blas": blas_info(), "ood_gate_kernels": gate_kernels()},
         "model": {"path": str(cfg.model), "backbone": meta.backbone, "crop_size": size, "precision": meta.precision},
         "flops_per_crop": flops,
         "warmup": cfg.warmup,

@@ -40,6 +40,10 @@ def test_report_has_every_share(gate_cost, gated_model, tmp_path, capsys):
     assert row["total_timed"] == pytest.approx(row["in_graph_timed"] + row["numpy_part"])
     assert row["total_profiled"] == pytest.approx(row["in_graph_profiled"] + row["numpy_part"])
     assert any(kind == "ReduceMean" for kind, _ in row["in_graph_changes"])  # the statistics' own nodes are seen
+    from liverstage.runtime.ood import gate_kernels
+
+    assert row["gate_kernels"] == gate_kernels()  # the numpy reference code is timed beside compiled kernels
+    assert (row["numpy_code_part_ms"] is not None and row["numpy_code_part_ms"] > 0) is (gate_kernels() == "compiled")
     printed = capsys.readouterr()
     assert "onnx" in printed.out and "no int8 model" in printed.err  # the tiny model has no X.int8.onnx
 

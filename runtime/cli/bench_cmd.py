@@ -51,6 +51,9 @@ def print_bench(result: dict, console=None) -> None:
                   highlight=False)
     console.print(f"(numpy BLAS: {m['matmul_blas']}; above 100% of this peak means the backend's kernels beat it)",
                   highlight=False)
+    if m.get("ood_gate_kernels") == "numpy":
+        console.print("OOD gate: numpy code (its compiled kernels were not built at install: no C compiler?), "
+                      "about twice their time", highlight=False)
     table = Table(title=f"liverstage bench: {result['model']['backbone']} at {result['model']['crop_size']} px")
     for col in ("backend", "batch", "p50 ms", "p90 ms", "p99 ms", "crops/s", "vs torch", "GFLOP/s", "% peak", "OOD gate"):
         table.add_column(col, justify="left" if col == "backend" else "right", no_wrap=col == "backend")

@@ -402,6 +402,27 @@ def test_malformed_gate_is_one_clear_line(tiny_onnx, tmp_path, run_cli, small_vo
     assert not report.exists()
 
 
+def test_bench_says_which_gate_code_ran(gated_model, capsys):
+    """The gate's time depends on whether its compiled kernels were built: bench records which
+    code ran and, when it was the numpy code, says so above the table."""
+    from liverstage.runtime import ood
+    from liverstage.runtime.bench import BenchConfig, run_bench
+    from liverstage.runtime.cli.bench_cmd import print_bench
+
+    built = ood.gate_kernels()
+    kinds = ("compiled", "numpy") if built == "compiled" else ("numpy",)
+    try:
+        for kind in kinds:
+            ood.use_gate_kernels(kind)
+            result = run_bench(BenchConfig(model=gated_model, backends=("onnx",), batch_sizes=(4,), warmup=1, iters=2))
+            assert result["machine"]["ood_gate_kernels"] == kind
+            print_bench(result)
+            note = "OOD gate: numpy code" in capsys.readouterr().out
+            assert note is (kind == "numpy")
+    finally:
+        ood.use_gate_kernels(built)
+
+
 def test_bench_times_the_gate(gated_model, tiny_model):
     from liverstage.runtime.bench import BenchConfig, run_bench
 

@@ -16,7 +16,6 @@ numpy rounds them.
 #include <Python.h>
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define LAYOUT_BLOCKS 8
 #define HISTOGRAM_BINS 16

@@ -30,6 +30,7 @@ Phantoms are synthetic, not patients: these figures say nothing about real MRI.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ from liverstage.export.ood_sets import KINDS, far_ood_cases
 from liverstage.runtime.backends import open_backend
 from liverstage.runtime.laterality import side_reason
 from liverstage.runtime.manifest import read_manifest
+from liverstage.runtime.ood import PARTS, THRESHOLD, OodGate
 from liverstage.runtime.predict import Predictor
 
 EVAL_SEED = 9_000_001  # fresh phantoms and OOD volumes: not the training seed, not export's sets
@@ -86,8 +88,33 @@ def stage_all(backend, pairs: list[tuple[Path, Path]]) -> list[dict]:
         r = run.results[0]
         rows.append({"input": str(vol), "outcome": "uncertain" if r.verdict.uncertain else "staged",
                      "score": r.verdict.ood.score, "crops": len(r.slices),
-                     "left_side": side_reason(r.region_side) is not None})
+                     "left_side": side_reason(r.region_side) is not None,
+                     **part_flags(backend, r)})
     return rows
+
+
+GATE_REASON = re.compile(r"\d+ of \d+ crops look unlike")  # how the gate's own reason starts (ood.OodGate.judge)
+
+
+def part_flags(backend, result) -> dict:
+    """Whether the volume would be flagged by the gate with only one of its parts ("only_P") and
+    with all but one ("without_P"), at the thresholds of the model; refusals do not reach here, and
+    a volume-level check's flag (the region's side, its air) counts in each. Why: what each part
+    catches that the others do not, the figure a decision to drop or replace a part needs (the
+    early part is most of the gate's cost on int8 / bf16 backends: benchmarks/gate_cost.py)."""
+    scores, verdict = result.ood_scores, result.verdict
+    if scores is None:
+        return {}
+    gate = OodGate.from_metadata(backend.metadata)
+    other = verdict.uncertain and not (verdict.ood.reason and GATE_REASON.match(verdict.ood.reason))
+
+    def flagged(parts) -> bool:
+        crop = np.max([getattr(scores, part) / gate.thresholds[part] for part in parts], axis=0)
+        return bool(other or np.median(crop) > THRESHOLD)
+
+    flags = {f"only_{part}": flagged([part]) for part in PARTS}
+    flags.update({f"without_{part}": flagged([p for p in PARTS if p != part]) for part in PARTS})
+    return flags
 
 
 def fresh_phantoms(folder: Path, n: int, in_plane: int, slices: int, *, seed: int = EVAL_SEED) -> list[tuple[Path, Path]]:
@@ -101,7 +128,19 @@ def summarise(rows: list[dict]) -> dict:
     n = len(rows)
     count = {k: sum(r["outcome"] == k for r in rows) for k in ("staged", "uncertain", "refused")}
     left = sum(bool(r.get("left_side")) for r in rows)  # uncertain (also) by the region's side
-    return {"volumes": n, **count, "left_side": left}
+    # flagged with one part / without one (`part_flags`); a refused volume counts as caught
+    parts = {key: sum(r["outcome"] == "refused" or bool(r.get(key)) for r in rows)
+             for key in (f"{how}_{part}" for how in ("only", "without") for part in PARTS)}
+    return {"volumes": n, **count, "left_side": left, "parts": parts}
+
+
+def parts_line(summaries) -> str:
+    """One line: how many of these volumes each part alone and the gate without each part would flag."""
+    total = {key: sum(s["parts"][key] for s in summaries) for key in summaries[0]["parts"]} if summaries else {}
+    n = sum(s["volumes"] for s in summaries)
+    only = ", ".join(f"{part} {total[f'only_{part}']}" for part in PARTS)
+    without = ", ".join(f"{part} {total[f'without_{part}']}" for part in PARTS)
+    return f"of these {n}, flagged by one part alone: {only}; by the gate without one part: {without}"
 
 
 def sweep(model: Path, checkpoint: Path, cases, fresh_pairs, select: set[str], *, ks, rates) -> list[dict]:
@@ -208,12 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fresh in-distribution phantoms: {fresh['uncertain']} of {fresh['volumes']} flagged uncertain "
           f"({fresh['uncertain'] / fresh['volumes']:.1%}; target <= 2 %; {fresh['left_side']} by the region's side), "
           f"{fresh['refused']} refused")
+    print(f"  {parts_line([fresh])}")
     total = caught = 0
     for kind, s in result["far_ood"].items():
         hit = s["uncertain"] + s["refused"]
         total, caught = total + s["volumes"], caught + hit
         print(f"  {kind:<13} {hit:>3} of {s['volumes']:>3} flagged or refused ({s['refused']} refused)")
     print(f"far-out-of-distribution volumes flagged or refused: {caught} of {total} ({caught / total:.1%}; target >= 99 %)")
+    print(f"  {parts_line(list(result['far_ood'].values()))}")
     result["far_ood_detection"] = caught / total if total else None
     for row in result.get("sweep", []):
         print(f"  sweep (seed {SWEEP_SEED}) k {row['k']:>2} rate {row['false_alarm_rate']:.2f}: fresh flagged {row['fresh_flagged']:.1%}, "

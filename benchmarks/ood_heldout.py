@@ -86,7 +86,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ood_eval import open_gated, stage_all, summarise, write_case  # noqa: E402
+from ood_eval import open_gated, parts_line, stage_all, summarise, write_case  # noqa: E402
 
 from liverstage.export.ood_sets import SHAPE, OodCase, _affine, _liver_box  # noqa: E402
 
@@ -430,10 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         totals[set_name] = {"volumes": total, "caught": caught, "detection": caught / total if total else None}
         print(f"  {set_name} set's not-liver volumes flagged or refused: {caught} of {total} "
               f"({caught / total:.1%}; target >= 99 %)")
+        print(f"  {parts_line([summary[k] for k in counted if k in summary])}")
     total = sum(t["volumes"] for t in totals.values())
     caught = sum(t["caught"] for t in totals.values())
     print(f"held-out not-liver volumes flagged or refused, all sets: {caught} of {total} ({caught / total:.1%}; "
           "target >= 99 %)")
+    print(f"  {parts_line([summary[k] for cases in SETS.values() for k in cases[0] if k in summary])}")
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json is not None:
         from liverstage.runtime.atomic import write_json  # noqa: PLC0415

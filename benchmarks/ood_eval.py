@@ -100,8 +100,8 @@ def part_flags(backend, result) -> dict:
     """Whether the volume would be flagged by the gate with only one of its parts ("only_P") and
     with all but one ("without_P"), at the thresholds of the model; refusals do not reach here, and
     a volume-level check's flag (the region's side, its air) counts in each. Why: what each part
-    catches that the others do not, the figure a decision to drop or replace a part needs (the
-    early part is most of the gate's cost on int8 / bf16 backends: benchmarks/gate_cost.py)."""
+    catches that the others do not, the figure a decision to drop or replace a part needs (gate
+    format 2's early-stage part was dropped on these figures: runtime/ood.py)."""
     scores, verdict = result.ood_scores, result.verdict
     if scores is None:
         return {}

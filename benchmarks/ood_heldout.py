@@ -50,7 +50,8 @@ ever run on them, and its figures are reported apart from the first set's:
 
 A third set, with its own seed (7000003), was written down (and committed) before the gate was
 ever run on it, when the early-stage statistics were changed to read every 4th row of a 224-px
-crop's stage (export/graph.py `early_row_step`); its figures are reported apart as well:
+crop's stage (gate format 2; that part was dropped in format 3, runtime/ood.py); its figures are
+reported apart as well:
 
   row_grating     a grating that varies along one in-plane axis only (the first or the second,
                   alternately), random period 3-24 voxels: stripes aligned with the rows the

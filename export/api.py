@@ -255,7 +255,7 @@ def model_metadata(source: Source, graph, crops, options: ExportOptions,
     return ModelMetadata(
         class_names=ckpt.class_names, preprocess=source.spec, backbone=ckpt.backbone, loss=ckpt.loss,
         scale=ckpt.scale, margin=ckpt.margin, temperature=float(graph.temperature), probs_source=source.probs_source,
-        precision=options.precision, embedding_dim=ckpt.embedding_dim, early_stats_dim=graph.early_stats_dim,
+        precision=options.precision, embedding_dim=ckpt.embedding_dim,
         checkpoint_sha256=source.sha256, versions=package_versions(EXPORT_PACKAGES), extra=extra,
     )
 

@@ -1,4 +1,4 @@
-"""Float32 ONNX -> FP16 ONNX with float32 inputs/outputs and a float32 head and statistics.
+"""Float32 ONNX -> FP16 ONNX with float32 inputs/outputs and a float32 head.
 
 A 2048-d ReLU feature's sum of squares overflows FP16 (max 65504) and F.normalize's eps rounds to
 zero in FP16, so everything downstream of the raw `feature` tensor (L2 normalisation, cosine
@@ -11,10 +11,7 @@ onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True), s
 float32 image and returns a float32 feature; the original float32 head nodes and initializers
 are then appended unchanged. (Blocking the head nodes in the converter instead is not enough: it
 rounds every blocked node's *output* back to FP16 between nodes, so the sum of squares still
-overflows. onnxconverter-common's converter gave a model onnxruntime refused here.) The
-early-stage statistics (`early_stats`: per-channel sums of squares too) are kept float32 the
-same way: they are part of the island (onnx_export.float32_island), entered through the
-`early` tensor.
+overflows. onnxconverter-common's converter gave a model onnxruntime refused here.)
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .graph import EARLY_TENSOR, FEATURE_TENSOR
+from .graph import FEATURE_TENSOR
 from .onnx_export import ensure_node_names, float32_island
 
 HEAD_SUFFIX = "__fp32"
@@ -64,11 +61,11 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     backbone_nodes = [n for n in graph.node if n.name not in head_names]
     head_nodes = [n for n in graph.node if n.name in head_names]
     produced = {out for n in backbone_nodes for out in n.output}
-    if FEATURE_TENSOR not in produced or EARLY_TENSOR not in produced:
-        raise ValueError(f"the {FEATURE_TENSOR!r} and {EARLY_TENSOR!r} tensors are not produced by the backbone")
+    if FEATURE_TENSOR not in produced:
+        raise ValueError(f"the {FEATURE_TENSOR!r} tensor is not produced by the backbone")
     crossing = [name for name in dict.fromkeys(i for n in head_nodes for i in n.input) if name in produced]
 
-    # 1. the backbone alone: image (float32) -> feature, early (float32), converted to FP16 inside.
+    # 1. the backbone alone: image (float32) -> feature (float32), converted to FP16 inside.
     backbone_used = _used_names(backbone_nodes)
     backbone = helper.make_model(
         helper.make_graph(

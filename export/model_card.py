@@ -123,12 +123,7 @@ def io_spec(meta: ModelMetadata) -> dict[str, Any]:
                                       if meta.probs_source == "cosine" else
                                       f"softmax(linear classifier / {meta.temperature:.4g}) (softmax baseline)")},
             "embedding": {"type": "embedding", "shape": ["N", meta.embedding_dim], "dtype": "float32",
-                          "description": "L2-normalised embedding"},
-            "early_stats": {"type": "features", "shape": ["N", meta.early_stats_dim], "dtype": "float32",
-                            "description": ("mean and standard deviation over the image of each of the E channels "
-                                            "of the backbone's early stage, read at every "
-                                            "export/graph.early_row_step(H)-th of its H rows "
-                                            "(read by the out-of-distribution gate)")},
+                          "description": "L2-normalised embedding (also read by the out-of-distribution gate)"},
         },
     }
 

@@ -25,9 +25,8 @@ MAX_BATCH_DIM = 4096
 def export_fp32(graph: InferenceGraph, *, crop_size: int) -> onnx.ModelProto:
     """Export `graph` (with its `feature` output) to an in-memory float32 ONNX model.
 
-    Input `image` float32 [N, 1, S, S] with N dynamic; outputs cosine, probs, embedding,
-    early_stats. The `feature` and `early` tensors keep their names inside the graph but are
-    removed from the outputs.
+    Input `image` float32 [N, 1, S, S] with N dynamic; outputs cosine, probs, embedding. The
+    `feature` tensor keeps its name inside the graph but is removed from the outputs.
     """
     import torch  # noqa: PLC0415
 
@@ -76,31 +75,16 @@ def downstream_nodes(model: onnx.ModelProto, tensor: str) -> list[str]:
     return names
 
 
-def upstream_nodes(model: onnx.ModelProto, tensor: str) -> list[str]:
-    """Names of every node that `tensor` (transitively) depends on."""
-    needed = {tensor}
-    names = []
-    for node in reversed(model.graph.node):
-        if any(name in needed for name in node.output):
-            needed.update(node.input)
-            names.append(node.name)
-    return names[::-1]
-
-
 def float32_island(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes that stay float32 in FP16 and INT8 models: the head (everything
-    downstream of `feature`) and the early-stage statistics (everything downstream of `early`
-    that `feature` does not depend on). Both are sums of squares over many values, which
-    overflow FP16 on bright inputs, and the gate's distances need them in float32."""
-    from .graph import EARLY_TENSOR, FEATURE_TENSOR  # noqa: PLC0415
+    downstream of `feature`). Its norm is a sum of squares over many values, which overflows
+    FP16 on bright inputs, and the gate's distances need the embedding in float32."""
+    from .graph import FEATURE_TENSOR  # noqa: PLC0415
 
     head = downstream_nodes(model, FEATURE_TENSOR)
-    not_stats = set(upstream_nodes(model, FEATURE_TENSOR)) | set(head)
-    stats = [name for name in downstream_nodes(model, EARLY_TENSOR) if name not in not_stats]
-    if not head or not stats:
-        raise ValueError(f"cannot find the head (downstream of {FEATURE_TENSOR!r}) or the statistics "
-                         f"(downstream of {EARLY_TENSOR!r}) in this graph")
-    return head + stats
+    if not head:
+        raise ValueError(f"cannot find the head (downstream of {FEATURE_TENSOR!r}) in this graph")
+    return head
 
 
 def ensure_node_names(model: onnx.ModelProto) -> None:

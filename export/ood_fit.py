@@ -5,9 +5,8 @@ ONNX Runtime, as the parity check does), so an fp16 or int8 model gets banks and
 fit it rather than the float32 network's.
 
 Where the crops come from:
-- bank: training patients' crops (at most MAX_BANK, evenly spaced), the embeddings and the
-  early-stage statistics each stored in their own top BASIS_DIM principal directions
-  (runtime/ood.py);
+- bank: training patients' crops (at most MAX_BANK, evenly spaced), the embeddings stored in
+  their own top BASIS_DIM principal directions and the image descriptors (runtime/ood.py);
 - thresholds: held-out in-distribution crops, i.e. the checkpoint's validation and test
   patients; if it has none, fresh phantoms when it was trained on phantoms, else the training
   patients are split in two by patient (bank / thresholds; such thresholds are a little low,
@@ -15,13 +14,13 @@ Where the crops come from:
 - with only `--calibration-manifest` reachable, its patients are split the same way;
 - with no in-distribution crops at all there is no gate (every result of the model is then
   uncertain) and the export says so.
-Each part's crop threshold is the (1 - FALSE_ALARM_RATE / 3) quantile of its distances on the
-threshold crops, so the three parts together flag at most about FALSE_ALARM_RATE of them. The
+Each part's crop threshold is the (1 - FALSE_ALARM_RATE / 2) quantile of its distances on the
+threshold crops, so the two parts together flag at most about FALSE_ALARM_RATE of them. The
 threshold crops are the held-out crops and, leave-one-patient-out, the bank's own: each bank
 crop's distance to the bank without that patient's crops (the jackknife+ idea: Barber, Candes,
 Ramdas, Tibshirani, "Predictive inference with the jackknife+", Ann. Statist. 2021). Why: a
 part whose distances vary from patient to patient more than from crop to crop (the early-stage
-statistics do) has its threshold set by the few most atypical held-out patients; the demo has
+statistics of gate format 2 did) has its threshold set by the few most atypical held-out patients; the demo has
 12, so a new patient beyond all of them was flagged whole (4 of 100 fresh phantoms on the
 64-px demo with held-out crops alone, 1 of 100 with the bank's 48 patients added;
 README: the out-of-distribution gate). The bank crops' principal basis and the image
@@ -85,7 +84,7 @@ class FittedGate(NamedTuple):
 def build_gate(bank_outputs: dict[str, np.ndarray], bank_images: np.ndarray, held_outputs: dict[str, np.ndarray],
                held_images: np.ndarray, *, clip_low: float, clip_high: float, bank_patients=None, held_patients=None,
                false_alarm_rate: float = FALSE_ALARM_RATE, k: int = K_NEIGHBOURS, fit: dict | None = None) -> FittedGate:
-    """Banks from the bank crops and the model's outputs for them (`embedding`, `early_stats`),
+    """Banks from the bank crops and the model's outputs for them (`embedding`),
     thresholds from the held-out ones and, given `bank_patients` (one id per bank crop), the
     bank's own crops left out by patient (module docstring)."""
     if not 0.0 < false_alarm_rate < 1.0:

@@ -4,7 +4,7 @@ Layout (Triton's model repository convention):
     REPO/<model_name>/config.pbtxt
     REPO/<model_name>/1/model.onnx
 platform onnxruntime_onnx, dynamic batching, input `image` [1, S, S] and outputs cosine [C],
-probs [C], embedding [D], early_stats [2E] (Triton adds the batch dimension itself when max_batch_size > 0).
+probs [C] and embedding [D] (Triton adds the batch dimension itself when max_batch_size > 0).
 The preprocessing stays in the ONNX metadata (`liverstage` key): a client cuts crops with it.
 """
 
@@ -50,11 +50,6 @@ output [
     name: "embedding"
     data_type: TYPE_FP32
     dims: [ {meta.embedding_dim} ]
-  }},
-  {{
-    name: "early_stats"
-    data_type: TYPE_FP32
-    dims: [ {meta.early_stats_dim} ]
   }}
 ]
 dynamic_batching {{

@@ -18,12 +18,7 @@ from .stages import STAGES
 METADATA_KEY = "liverstage"
 METADATA_FORMAT_VERSION = 1
 INPUT_NAME = "image"
-# The early stage's per-channel statistics, read only by the out-of-distribution gate (runtime/ood.py).
-EARLY_STATS_OUTPUT = "early_stats"
-OUTPUT_NAMES = ("cosine", "probs", "embedding", EARLY_STATS_OUTPUT)
-# The early stage's activation keeps this tensor name inside an exported graph (export/graph.py);
-# the OpenVINO backend reads the statistics through it under bf16 (backends/openvino.py).
-EARLY_TENSOR = "early"
+OUTPUT_NAMES = ("cosine", "probs", "embedding")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -35,7 +30,7 @@ class ModelMetadata:
         "linear" when probs come from the softmax baseline's linear classifier (Eq. 1).
     ood: the out-of-distribution gate (runtime/ood.py: banks, thresholds, how they were fitted),
         fitted at export; None for a model exported without one (its results are all uncertain).
-        Older models' `cosine_threshold` is read and ignored.
+        Older models' `cosine_threshold` and `early_stats_dim` are read and ignored.
     """
 
     class_names: tuple[str, ...]
@@ -51,7 +46,6 @@ class ModelMetadata:
     checkpoint_sha256: str
     versions: dict[str, str]
     ood: dict[str, Any] | None = None
-    early_stats_dim: int | None = None  # width of the `early_stats` output; None: a model exported before it
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = METADATA_FORMAT_VERSION
 

@@ -5,7 +5,7 @@ three classes a confident one. The gate decides whether that answer may be read 
 when it says no, the volume is `uncertain` (its stage and probabilities are still reported,
 unchanged).
 
-Three k-nearest-neighbour detectors, each against a bank drawn from training crops at export
+Two k-nearest-neighbour detectors, each against a bank drawn from training crops at export
 (Sun, Ming, Zhu, Li: "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022:
 no class structure and no distribution assumed, so it works for every loss, the softmax
 baseline too, and it costs one small matrix product per batch):
@@ -20,29 +20,33 @@ baseline too, and it costs one small matrix product per batch):
   product with the entry's coordinates, exact up to the entry's tiny residual, and a crop
   outside the bank's subspace gets a shorter projection, i.e. a larger distance. This keeps
   the gate's matrix products about ten times smaller than the full-dimensional ones (they run
-  in one BLAS thread: see `matmul`).
-- early: the same distance for the L2-normalised `early_stats` output: each channel's mean and
-  standard deviation over the image at the backbone's early stage (resnet: `layer1`, 1/4 of the
-  input resolution; train/backbones.py `early_stage`), i.e. the statistics of its edge, blob
-  and texture detectors, stored the same way (basis and coordinates). Why: a trained network's
-  last features collapse, out-of-distribution inputs are mapped onto the clusters of the
-  training classes (measured on the demo model: noise, blank fields, checkerboards, a brain
-  MRI all land at cosine 0.99 from some training crop, as close as held-out liver crops), so
-  the embedding alone cannot see them; early-layer features do not collapse yet (Lee, Lee,
-  Lee, Shin, NeurIPS 2018, score intermediate layers for the same reason; channel mean and
-  deviation are the feature statistics of Huang and Belongie, ICCV 2017). On the demo model
-  this part caught a photograph that the other two passed.
+  in one BLAS thread: see `matmul`). A trained network's last features collapse: inputs unlike
+  its training data are mapped onto the clusters of the training classes (on the demo model
+  noise, blank fields, checkerboards and a brain MRI land at cosine 0.99 from some training
+  crop), so this part alone catches few of them (28 of the 120 volumes of
+  benchmarks/ood_heldout.py); it catches what looks right but is not (crops the image part
+  passes whose features are off).
 - image: the standardised distance from a cheap descriptor of the crop image itself (8 x 8
   block means: the layout; a 16-bin intensity histogram; neighbour differences at three scales
   relative to the crop's spread: the texture; see `image_descriptor`) to its k-th nearest bank
   descriptor: what the crop looks like before any learned filter (a whole abdomen, a terrain
   map, a field with the wrong histogram), independent of what the network learned to ignore.
 
-Each part has its own crop threshold, fitted at export at a third of the stated false-alarm
-rate (so the three together stay within it) on in-distribution crops the bank does not hold:
+Why no third part from the backbone's early stage: gate format 2 also scored each channel's
+mean and deviation over the early stage (resnet `layer1`; early features do not collapse yet,
+the reason Lee et al., NeurIPS 2018, score intermediate layers). Measured with
+benchmarks/ood_eval.py and ood_heldout.py (2026-12-07, demo models at 64 and 224 px): without
+it the gate flagged the same 97 of 97 far-out-of-distribution volumes, 119 of the 120
+held-out ones (one photograph box fewer at 64 px, which the 224-px model's gate missed with it
+too) and 0 of 100 fresh phantoms where it flagged 2 (both by that part alone). Reading the
+stage inside the graph was most of the gate's cost on the int8 and bf16 backends (7-11 % of the
+model's time at batch 16 on a CPU with AMX), above the 5 % the gate may cost (issue 11).
+
+Each part has its own crop threshold, fitted at export at half of the stated false-alarm
+rate (so the two together stay within it) on in-distribution crops the bank does not hold:
 held-out patients' crops and the bank's own, each against the bank without its patient
 (export/ood_fit.py). A crop's score
-is the largest of its three distances, each divided by its threshold: above 1 the crop is
+is the larger of its two distances, each divided by its threshold: above 1 the crop is
 atypical. The
 volume's score is the median of its crops' scores; above 1 (more than half of its crops
 atypical) the volume is uncertain. One odd slice (the liver dome, a vessel) does not flag a
@@ -67,7 +71,6 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError
-from .model_meta import EARLY_STATS_OUTPUT
 
 try:  # built at install from _gate_kernels.c (setup.py); where it could not be, the numpy code runs
     from . import _gate_kernels as _built_kernels
@@ -75,10 +78,10 @@ except ImportError:  # pragma: no cover - depends on the install
     _built_kernels = None
 _gate_kernels = _built_kernels  # the kernels in use (None: the numpy code); see use_gate_kernels
 
-GATE_METHOD = "knn-embedding+knn-early+knn-image"
-GATE_FORMAT_VERSION = 2
-PARTS = ("embedding", "early", "image")
-SPHERE_PARTS = {"embedding": "embedding", "early": EARLY_STATS_OUTPUT}  # part -> the model output it reads
+GATE_METHOD = "knn-embedding+knn-image"
+GATE_FORMAT_VERSION = 3
+PARTS = ("embedding", "image")
+SPHERE_PARTS = {"embedding": "embedding"}  # part -> the model output it reads
 NO_GATE_REASON = "the model carries no out-of-distribution gate; re-export it with this liverstage"
 NORM_EPS = 1e-12
 BASIS_DIM = 64
@@ -94,8 +97,8 @@ def gate_kernels() -> str:
     """Which code computes the gate's per-batch work: "compiled" (runtime/_gate_kernels.c, built
     at install) or "numpy" (this module's reference code, where no C compiler was found). Both
     give the same verdicts and the same scores up to float32 rounding (tests/test_ood.py); only
-    the time differs (the whole per-batch part at batch 16: 0.65-0.71 -> 0.33-0.37 ms at 64 px,
-    0.92-1.07 -> 0.63-0.66 ms at 224 px; benchmarks/gate_cost.py)."""
+    the time differs (measured with gate format 2's three parts at batch 16: 0.65-0.71 -> 0.33-0.37
+    ms at 64 px, 0.92-1.07 -> 0.63-0.66 ms at 224 px; README: the gate's cost)."""
     return "compiled" if _gate_kernels is not None else "numpy"
 
 
@@ -303,7 +306,7 @@ def kth_largest(values: np.ndarray, k: int) -> np.ndarray:
     The compiled kernel (`gate_kernels`) keeps a sorted list of each row's k largest in one pass
     (7 us on the demo's [16, 782] similarities). The numpy form, where it was not built: setting
     each row's maximum to -inf k - 1 times and taking the maximum gives the same value, bit for
-    bit, in 12-14 us where np.partition took 49 us (three times per batch); np.partition above
+    bit, in 12-14 us where np.partition took 49 us (twice per batch); np.partition above
     REMOVE_MAXIMA_UP_TO_K. The inputs are finite or -inf (export's excluded bank rows): predict
     refuses a batch whose model outputs are not finite."""
     if (_gate_kernels is not None and values.dtype == np.float32 and values.ndim == 2 and len(values) > 0
@@ -354,10 +357,9 @@ def _median(values: np.ndarray) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class CropScores:
-    """Per crop: the three kNN distances and the combined score (> 1: atypical)."""
+    """Per crop: the two kNN distances and the combined score (> 1: atypical)."""
 
     embedding: np.ndarray
-    early: np.ndarray
     image: np.ndarray
     score: np.ndarray
 
@@ -473,8 +475,8 @@ class OodGate:
 
     def scores(self, outputs: dict[str, np.ndarray], images: np.ndarray, *,
                exclude: np.ndarray | None = None) -> CropScores:
-        """The three distances and the combined score for a batch of crops and the model's
-        outputs for them (a backend's `run`: `embedding` and `early_stats` are read); `exclude`:
+        """The two distances and the combined score for a batch of crops and the model's
+        outputs for them (a backend's `run`: `embedding` is read); `exclude`:
         bank rows each crop may not use (`kth_distance`)."""
         if exclude is not None and exclude.shape != (len(images), self.bank_size):
             raise ValueError(f"exclude must be [{len(images)}, {self.bank_size}], got {list(exclude.shape)}")
@@ -507,7 +509,7 @@ class OodGate:
             by = {part: int((getattr(crops, part)[atypical] > self.thresholds[part]).sum()) for part in PARTS}
             reason = (f"{int(atypical.sum())} of {len(score)} crops look unlike the liver crops the model was trained on "
                       f"(median out-of-distribution score {median:.2f} > {THRESHOLD:g}; by their embedding: "
-                      f"{by['embedding']}, by their early features: {by['early']}, by their image: {by['image']}): "
+                      f"{by['embedding']}, by their image: {by['image']}): "
                       f"{self._cause(region)}")
         return OodVerdict(uncertain=median > THRESHOLD, reason=reason, score=median, threshold=THRESHOLD,
                           atypical_crops=int(atypical.sum()))

@@ -31,15 +31,12 @@ def tiny_metadata(*, crop_size: int = 32, ood: dict | None = None,
         probs_source="cosine",
         precision="fp32",
         embedding_dim=embedding_dim,
-        early_stats_dim=2 * EARLY_CHANNELS,
         checkpoint_sha256="0" * 64,
         versions={"test": "1"},
         ood=ood,
         extra=dict(extra or {}),
     )
 
-
-EARLY_CHANNELS = 4
 
 
 def build_tiny_onnx(path: str | Path, *, crop_size: int = 32, grid: int = 4, embedding_dim: int = 8,
@@ -60,7 +57,6 @@ def build_tiny_onnx(path: str | Path, *, crop_size: int = 32, grid: int = 4, emb
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "eps"),
         numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale"),
-        numpy_helper.from_array(rng.standard_normal((EARLY_CHANNELS, 1, 3, 3)).astype(np.float32), "w_early"),
     ]
     nodes = [
         helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),
@@ -74,24 +70,13 @@ def build_tiny_onnx(path: str | Path, *, crop_size: int = 32, grid: int = 4, emb
         helper.make_node("MatMul", ["embedding", "w_cls_t"], ["cosine"]),
         helper.make_node("Mul", ["cosine", "scale"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
-        # early_stats: a strided 3x3 convolution + ReLU, each channel's mean and deviation
-        helper.make_node("Conv", ["image", "w_early"], ["early_conv"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["early_conv"], ["early"]),
-        helper.make_node("ReduceMean", ["early"], ["early_mean"], axes=[2, 3], keepdims=1),
-        helper.make_node("Sub", ["early", "early_mean"], ["early_centred"]),
-        helper.make_node("Mul", ["early_centred", "early_centred"], ["early_sq"]),
-        helper.make_node("ReduceMean", ["early_sq"], ["early_var"], axes=[2, 3], keepdims=0),
-        helper.make_node("Sqrt", ["early_var"], ["early_std"]),
-        helper.make_node("Flatten", ["early_mean"], ["early_mean_flat"], axis=1),
-        helper.make_node("Concat", ["early_mean_flat", "early_std"], ["early_stats"], axis=1),
     ]
     graph = helper.make_graph(
         nodes, "tiny_liverstage",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, crop_size, crop_size])],
         [helper.make_tensor_value_info("cosine", TensorProto.FLOAT, ["N", 3]),
          helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", embedding_dim]),
-         helper.make_tensor_value_info("early_stats", TensorProto.FLOAT, ["N", 2 * EARLY_CHANNELS])],
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", embedding_dim])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="liverstage-tests")

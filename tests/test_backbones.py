@@ -23,23 +23,6 @@ def test_trunk_shapes_on_small_crops(name, dim, size):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name,stage,channels", [("resnet18", "layer1", 64), ("resnet50", "layer1", 256),
-                                                 ("vgg16", "features.15", 256)])
-def test_early_stage_is_the_last_at_a_quarter_resolution(name, stage, channels):
-    from liverstage.train.backbones import early_stage
-
-    model = build_backbone(name).model
-    model.train()
-    assert early_stage(model) == (stage, channels)
-    assert model.training  # the probe forward leaves the mode as it was
-    seen = []
-    handle = model.get_submodule(stage).register_forward_hook(lambda _m, _i, out: seen.append(out.shape) and None)
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, 96, 96))
-    handle.remove()
-    assert [tuple(shape) for shape in seen] == [(1, channels, 24, 24)]
-
-
 def test_vgg16_keeps_fc7_and_relu():
     trunk = build_backbone("vgg16")
     kinds = [type(m).__name__ for m in trunk.model.classifier]

@@ -19,8 +19,7 @@ def test_onnx_backend_runs_and_carries_metadata(tiny_model, tiny_onnx):
     assert backend.metadata == tiny_onnx.tiny_metadata(crop_size=32)
     images = np.random.default_rng(0).standard_normal((5, 1, 32, 32)).astype(np.float32)
     out = backend.run(images)
-    assert set(out) == {"cosine", "probs", "embedding", "early_stats"}
-    assert out["early_stats"].shape == (5, 8) and (out["early_stats"][:, 4:] >= 0).all()  # means, then deviations
+    assert set(out) == {"cosine", "probs", "embedding"}
     assert out["cosine"].shape == (5, 3) and out["probs"].shape == (5, 3) and out["embedding"].shape == (5, 8)
     np.testing.assert_allclose(out["probs"].sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
@@ -79,21 +78,27 @@ def test_onnx_with_bad_metadata_or_io(tmp_path, tiny_model):
         open_backend(tmp_path / "bad_io.onnx")
 
 
-def test_model_from_before_early_stats_is_refused_with_the_fix(tmp_path, tiny_model, capsys):
-    """A model exported before the gate read `early_stats` cannot be gated: one line says what to do."""
-    model = onnx.load(str(tiny_model))
-    del model.graph.output[3]
-    assert [o.name for o in model.graph.output] == ["cosine", "probs", "embedding"]
+def test_model_with_the_gate_of_format_2_is_refused_with_the_fix(tmp_path, tiny_onnx, capsys):
+    """A model exported with gate format 2 (its `early_stats` output, read by a third part of the
+    gate, dropped since) opens, but its gate cannot be used: one line says what to do."""
+    from liverstage.runtime.ood import OodGate
+
+    meta = tiny_onnx.tiny_metadata(crop_size=32, ood={"method": "knn-embedding+knn-early+knn-image", "format_version": 2})
+    model = onnx.load(str(tiny_onnx.build_tiny_onnx(tmp_path / "tiny.onnx", crop_size=32, metadata=meta)))
+    model.graph.node.append(onnx.helper.make_node("Identity", ["embedding"], ["early_stats"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("early_stats", onnx.TensorProto.FLOAT, ["N", 8]))
     onnx.save(model, str(tmp_path / "old.onnx"))
-    with pytest.raises(ModelError, match="no early_stats output.*export it again from its checkpoint"):
-        open_backend(tmp_path / "old.onnx")
+    backend = open_backend(tmp_path / "old.onnx")  # the extra output is harmless
+    assert set(backend.run(np.zeros((2, 1, 32, 32), dtype=np.float32))) == {"cosine", "probs", "embedding"}
+    with pytest.raises(ModelError, match="version 2.*re-export the model"):
+        OodGate.from_metadata(backend.metadata)
     volume = tmp_path / "v.nii.gz"
     volume.write_bytes(b"")  # never read: the model is opened first
     with pytest.raises(SystemExit) as exc:
         main(["predict", str(volume), "--model", str(tmp_path / "old.onnx"), "--report", str(tmp_path / "r.json")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "export it again" in err
+    assert len(err.splitlines()) == 1 and "re-export the model" in err
     assert not (tmp_path / "r.json").exists()
 
 

@@ -105,9 +105,8 @@ def test_onnx_export_matches_torch(backbone, loss, crops, r18_amcl):
     graph = InferenceGraph(net, scale=net.scale, probs_source="linear" if loss == "softmax" else "cosine")
     model = export_fp32(graph, crop_size=CROP)
     assert [v.name for v in model.graph.input] == ["image"]
-    assert [v.name for v in model.graph.output] == ["cosine", "probs", "embedding", "early_stats"]
+    assert [v.name for v in model.graph.output] == ["cosine", "probs", "embedding"]
     assert "Acos" not in op_types(model)
-    assert "ReduceL2" not in op_types(model)  # the statistics' squares go to ReduceMean (graph.channel_stats: its speed)
     out = run_session(ort_session(to_bytes(model)), images)
     ref = torch_reference(graph, images)
     assert out["cosine"].shape == (len(images), 3)
@@ -118,61 +117,6 @@ def test_onnx_export_matches_torch(backbone, loss, crops, r18_amcl):
     with torch.no_grad():  # probs are the checkpoint's own inference scores (no margin)
         logits = net.class_logits(net(torch.from_numpy(images)))
     assert np.abs(out["probs"] - torch.softmax(logits, 1).numpy()).max() < 1e-4
-    # early_stats: each channel's mean and population deviation of the early stage, as numpy has them
-    early = ref["early"].astype(np.float64)
-    want = np.concatenate([early.mean(axis=(2, 3)), early.std(axis=(2, 3))], axis=1)
-    assert np.abs(out["early_stats"] - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-
-
-def test_channel_stats_one_pass_is_accurate():
-    """Mean and deviation in one pass (E[x^2] - mean^2, float32) against numpy's two-pass float64:
-    ordinary post-ReLU-like channels, a bright nearly constant one (the cancellation case), an
-    all-zero one (deviation 0, not NaN) and a constant one."""
-    from liverstage.export.graph import channel_stats
-
-    rng = np.random.default_rng(3)
-    x = np.abs(rng.standard_normal((4, 5, 14, 14)))
-    x[:, 1] = 1000.0 + rng.standard_normal((4, 14, 14))
-    x[:, 2] = 0.0
-    x[:, 3] = 7.25
-    got = channel_stats(torch.from_numpy(x.astype(np.float32))).numpy()
-    mean, std = got[:, :5], got[:, 5:]
-    assert np.isfinite(got).all() and (std >= 0).all()
-    assert np.abs(mean - x.mean(axis=(2, 3))).max() <= 1e-6 * 1000
-    assert np.abs(std[:, [0, 4]] - x[:, [0, 4]].std(axis=(2, 3))).max() <= 1e-5
-    rms = np.sqrt((x**2).mean(axis=(2, 3)))
-    assert (np.abs(std - x.std(axis=(2, 3))) <= 4e-4 * rms + 1e-6).all()  # at most ~sqrt(eps) x RMS
-    assert (std[:, 2] == 0).all()
-
-
-def test_early_row_step_keeps_at_least_the_minimum_rows():
-    from liverstage.export.graph import EARLY_MIN_ROWS, early_row_step
-
-    assert [early_row_step(h) for h in (1, 16, 55, 56, 64, 111, 112, 224, 225)] == [1, 1, 1, 2, 2, 2, 4, 8, 8]
-    for height in range(1, 300):
-        step = early_row_step(height)
-        assert step & (step - 1) == 0  # a power of two
-        assert step == 1 or height // step >= EARLY_MIN_ROWS  # leaves enough rows
-        assert height // (2 * step) < EARLY_MIN_ROWS  # the largest step that does
-    with pytest.raises(ValueError, match="height"):
-        early_row_step(0)
-
-
-def test_channel_stats_read_every_step_th_row():
-    """A 224-px crop's 56-row stage is read at rows 0, 2, ..., 54 and a 448-px crop's 112 rows at
-    0, 4, ..., 108 (numpy's statistics of exactly those rows); a 16-row stage (64 px) is read
-    whole."""
-    from liverstage.export.graph import channel_stats
-
-    rng = np.random.default_rng(5)
-    for height, step in ((112, 4), (56, 2), (16, 1)):
-        x = np.abs(rng.standard_normal((3, 4, height, 20))).astype(np.float32)
-        x[:, :, 1::2] += 5.0  # odd rows bright: reading them would move every mean
-        x[:, :, 2::4] += 3.0  # and rows 2, 6, ...: reading every 4th row where every 2nd is due would too
-        got = channel_stats(torch.from_numpy(x)).numpy()
-        rows = x[:, :, ::step].astype(np.float64)
-        want = np.concatenate([rows.mean(axis=(2, 3)), rows.std(axis=(2, 3))], axis=1)
-        assert np.abs(got - want).max() <= 1e-4
 
 
 @pytest.mark.slow
@@ -227,7 +171,7 @@ def test_metadata_round_trip(exported, amcl_checkpoint):
     assert meta.checkpoint_sha256 == hashlib.sha256(amcl_checkpoint.read_bytes()).hexdigest()
     assert Path(meta.extra["checkpoint_path"]) == amcl_checkpoint.resolve()
     assert {"torch", "onnx", "onnxruntime"} <= set(meta.versions)
-    assert meta.ood is not None and all(meta.ood[part]["threshold"] > 0 for part in ("embedding", "early", "image"))
+    assert meta.ood is not None and all(meta.ood[part]["threshold"] > 0 for part in ("embedding", "image"))
     assert meta.ood["fit"]["bank_regions"] == "mask"  # the phantom manifest's rows all have masks
     assert meta.temperature > 0
     # The same through the ONNX file itself.
@@ -317,7 +261,7 @@ def test_batch_1_and_batch_7_agree(exported, crops):
     session = ort_session(str(exported))
     together = run_session(session, images, batch_size=7)
     one_by_one = run_session(session, images, batch_size=1)
-    for name in ("cosine", "probs", "embedding", "early_stats"):
+    for name in ("cosine", "probs", "embedding"):
         assert np.abs(together[name] - one_by_one[name]).max() < 1e-5
 
 
@@ -335,7 +279,7 @@ def test_triton_repository(amcl_checkpoint, tmp_path, capsys):
                        ("embedding", "[ 512 ]")):
         assert f'name: "{name}"' in config and dims in config
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["cosine", "probs", "embedding", "early_stats"]
+    assert [o.name for o in session.get_outputs()] == ["cosine", "probs", "embedding"]
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no temporary left
 
 

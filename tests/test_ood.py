@@ -190,24 +190,22 @@ def test_gate_scores_are_the_same_in_both_codes(gated_model, cohort_crops):
             reference = gate.scores(outputs, crops)
         finally:
             ood.use_gate_kernels("compiled")
-        assert np.array_equal(compiled.embedding, reference.embedding) and np.array_equal(compiled.early, reference.early)
+        assert np.array_equal(compiled.embedding, reference.embedding)
         np.testing.assert_allclose(compiled.image, reference.image, rtol=1e-4, atol=1e-5)
         assert gate.judge(compiled).uncertain == gate.judge(reference).uncertain
 
 
 def test_gate_payload_for_resnet50_outputs():
-    """ResNet50's 2048-d embedding and 512 early statistics (256 channels of layer1): each bank is
-    stored in 64 principal directions, far below 4 MB."""
+    """ResNet50's 2048-d embedding: its bank is stored in 64 principal directions, far below 4 MB."""
     rng = np.random.default_rng(2)
-    outputs = {"embedding": np.abs(rng.standard_normal((300, 2048))).astype(np.float32),  # post-ReLU
-               "early_stats": np.abs(rng.standard_normal((300, 512))).astype(np.float32)}
+    outputs = {"embedding": np.abs(rng.standard_normal((300, 2048))).astype(np.float32)}  # post-ReLU
     images = rng.uniform(0, 1, (300, 1, 32, 32)).astype(np.float32)
     held = {name: value[:40] for name, value in outputs.items()}
     gate = build_gate(outputs, images, held, images[:40], clip_low=-0.5, clip_high=1.5).config
     assert gate["embedding"]["basis"]["shape"] == [2048, 64] and gate["embedding"]["bank"]["shape"] == [300, 64]
-    assert gate["early"]["basis"]["shape"] == [512, 64] and gate["early"]["bank"]["shape"] == [300, 64]
-    per_crop = 2 * (64 + 64 + DESCRIPTOR_DIM)
-    bases = 2 * (2048 + 512) * 64
+    assert "early" not in gate  # gate format 3: no early-stage part
+    per_crop = 2 * (64 + DESCRIPTOR_DIM)
+    bases = 2 * 2048 * 64
     assert payload_bytes(gate) == bases + 300 * per_crop
     assert bases + MAX_BANK * per_crop <= 4 * 2**20  # the largest bank export writes
 
@@ -219,8 +217,7 @@ def test_thresholds_pool_held_out_and_leave_one_patient_out_bank_crops():
 
     rng = np.random.default_rng(5)
     n_bank, n_held = 60, 12
-    outputs = {"embedding": rng.standard_normal((n_bank + n_held, 16)).astype(np.float32),
-               "early_stats": rng.standard_normal((n_bank + n_held, 8)).astype(np.float32)}
+    outputs = {"embedding": rng.standard_normal((n_bank + n_held, 16)).astype(np.float32)}
     images = rng.uniform(0, 1, (n_bank + n_held, 1, 32, 32)).astype(np.float32)
     bank_out = {k: v[:n_bank] for k, v in outputs.items()}
     held_out = {k: v[n_bank:] for k, v in outputs.items()}

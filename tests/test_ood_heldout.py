@@ -100,6 +100,16 @@ def test_runs_through_predict_and_flags_noise(heldout, gated_model, tmp_path, ca
         assert f"  {kind} " in printed
     noise = figures["kinds"]["uniform_noise"]
     assert noise["uncertain"] + noise["refused"] == noise["volumes"] == 1
+    # per part (ood_eval.part_flags): one part alone flags no more than the gate, the gate
+    # without a part no more than the whole, and together they account for every flag
+    from liverstage.runtime.ood import PARTS  # noqa: PLC0415
+
+    for kind, summary in figures["kinds"].items():
+        caught, parts = summary["uncertain"] + summary["refused"], summary["parts"]
+        assert set(parts) == {f"{how}_{part}" for how in ("only", "without") for part in PARTS}, kind
+        assert all(parts[f"only_{part}"] <= parts[f"without_{other}"] <= caught
+                   for part in PARTS for other in PARTS if other != part), kind
+    assert "flagged by one part alone: embedding " in printed
     for set_name, (counted_kinds, _) in heldout.SETS.items():
         counted = [figures["kinds"][k] for k in counted_kinds if k in figures["kinds"]]
         caught = sum(s["uncertain"] + s["refused"] for s in counted)

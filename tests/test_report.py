@@ -18,7 +18,7 @@ def make_run(n_crops=4, uncertain=False):
     logits = rng.normal(size=(n_crops, 3))
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     cosine = rng.uniform(-1, 1, size=(n_crops, 3))
-    scores = CropScores(embedding=rng.uniform(0, 1, n_crops), early=rng.uniform(0, 1, n_crops), image=rng.uniform(0, 1, n_crops),
+    scores = CropScores(embedding=rng.uniform(0, 1, n_crops), image=rng.uniform(0, 1, n_crops),
                         score=rng.uniform(0, 2, n_crops))
     median = float(np.median(scores.score))
     verdict = OodVerdict(uncertain=uncertain, reason="crops look unlike the training crops" if uncertain else None,

@@ -117,51 +117,6 @@ class Trunk(nn.Module):
         return out.flatten(1)
 
 
-EARLY_STRIDE = 4
-_PROBE_SIZE = 64
-
-
-def _stage_candidates(model: nn.Module):
-    """(dotted name, module) of the model's stages in forward order: its direct children, with
-    a `features` Sequential (VGG, DenseNet, MobileNet, EfficientNet) opened one level."""
-    for name, child in model.named_children():
-        if name == "features" and isinstance(child, nn.Sequential):
-            for sub, module in child.named_children():
-                yield f"{name}.{sub}", module
-        else:
-            yield name, child
-
-
-def early_stage(model: nn.Module) -> tuple[str, int]:
-    """The dotted name and channel count of the last stage whose output is still at
-    1/EARLY_STRIDE of the input resolution (resnet18: `layer1`, 64 channels; vgg16:
-    `features.15`, the end of its third block before pooling, 256).
-
-    Why this stage: its features (edges, blobs, local texture) have not yet been pooled into the
-    class evidence of the last layers, whose embedding maps inputs unlike the training data onto
-    the training clusters (runtime/ood.py). Found by one probe forward at 64 px, so it works for any
-    torchvision backbone with such stages."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    candidates = list(_stage_candidates(model))
-    hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
-             for name, module in candidates if not isinstance(module, nn.Identity)]
-    first = next(p for p in model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 1, _PROBE_SIZE, _PROBE_SIZE, dtype=first.dtype, device=first.device))
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    early = [name for name, _ in candidates
-             if len(shapes.get(name, ())) == 4 and shapes[name][-1] * EARLY_STRIDE >= _PROBE_SIZE]
-    if not early:
-        raise ModelError(f"backbone {type(model).__name__} has no stage at 1/{EARLY_STRIDE} of the input resolution")
-    return early[-1], int(shapes[early[-1]][1])
-
-
 def build_backbone(name: str, *, pretrained: str | os.PathLike | None = None) -> Trunk:
     """One-channel trunk for torchvision model `name`; `.embedding_dim` is its output width."""
     import torchvision  # noqa: PLC0415

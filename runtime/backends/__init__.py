@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import BackendUnavailable, InputError, ModelError
-from ..model_meta import EARLY_STATS_OUTPUT, INPUT_NAME, OUTPUT_NAMES, ModelMetadata
+from ..model_meta import INPUT_NAME, OUTPUT_NAMES, ModelMetadata
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -51,11 +51,8 @@ def check_images(images: np.ndarray, crop_size: int) -> np.ndarray:
 
 def check_io(path: Path, inputs: list[str], input_shape: list, outputs: set[str], crop_size: int) -> None:
     """ModelError unless the graph has our interface: input `image` [N, 1, S, S] (S = the metadata's
-    crop size; None or a name for a dynamic dimension) and the outputs cosine, probs, embedding,
-    early_stats."""
-    if inputs == [INPUT_NAME] and set(OUTPUT_NAMES) - {EARLY_STATS_OUTPUT} <= outputs and EARLY_STATS_OUTPUT not in outputs:
-        raise ModelError(f"{path}: exported by an older liverstage (no early_stats output, which the "
-                         "out-of-distribution gate reads): export it again from its checkpoint")
+    crop size; None or a name for a dynamic dimension) and the outputs cosine, probs, embedding
+    (a model of an older liverstage may have more: its gate is refused by runtime/ood.py)."""
     if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs:
         raise ModelError(
             f"{path}: expected input '{INPUT_NAME}' and outputs {', '.join(OUTPUT_NAMES)}, got "

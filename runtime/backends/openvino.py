@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailable, ModelError
-from ..model_meta import EARLY_TENSOR, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ModelMetadata
+from ..model_meta import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ModelMetadata
 from ..provenance import file_sha256
 from . import check_images, check_io
 
@@ -141,55 +141,6 @@ def read_model(core, path: Path):
         raise ModelError(f"{path}: not an ONNX model OpenVINO can read ({reason})") from None
 
 
-# The statistics' nodes that read the stage (export/graph.py channel_stats: ReduceMean, and the
-# Mul of the squares, which reads it at both its inputs; ReduceL2 in models exported before).
-STATISTICS_READERS = ("ReduceMean", "Multiply", "ReduceL2", "ReduceSum", "ReduceSumSquare")
-ROW_SLICES = ("Slice", "StridedSlice")  # how OpenVINO reads the ONNX Slice of export/graph.early_row_step
-
-
-def tap_early_stage(model) -> int:
-    """Under bf16, make the early-stage statistics read the stage through an identity depthwise
-    1 x 1 convolution; returns how many statistics inputs were rewired (0: no such stage).
-
-    Why: OpenVINO's CPU plugin keeps in f32 the nodes between the last bf16 convolution and a
-    model output, and the statistics (reductions into the `early_stats` output) read the stage's
-    activation (directly, or the row slice of export/graph.py `early_row_step`), so the
-    convolution that makes the stage wrote f32, and with it the whole residual stream of the
-    stage (ResNet's `layer1`: the stem's max-pool and every block sum), with a reorder to bf16
-    before each next convolution. A convolution is a node the plugin runs in bf16, so behind this
-    one the stage stays bf16 and only the tap's own output is converted for the reductions,
-    which still run in f32. The tap goes where the reductions read: after the row slice, so it
-    convolves only the rows read. Measured with per-node profiles (ResNet18, 224 px, batch 16,
-    this 2-core AMD EPYC): the statistics cost +5.9 ms of 130 ms without the tap, +2.6 ms plus
-    the tap's 0.5 ms on the whole stage; with a row slice (every 4th row, the step tried
-    before every 2nd was kept) and the tap after it, +0.5 ms in all. The statistics are then those of the bf16 activation (reduced in f32),
-    like every other output under bf16."""
-    from openvino import opset13  # noqa: PLC0415
-
-    source = next((output for op in model.get_ops() for output in op.outputs()
-                   if EARLY_TENSOR in output.get_names()), None)
-    if source is None:
-        return 0
-    feeds = [source] + [target.get_node().output(0) for target in source.get_target_inputs()
-                        if target.get_node().get_type_name() in ROW_SLICES]
-    rewired = 0
-    for feed in feeds:
-        readers = [target for target in feed.get_target_inputs()
-                   if target.get_node().get_type_name() in STATISTICS_READERS]
-        if not readers or not feed.get_partial_shape()[1].is_static:
-            continue
-        channels = feed.get_partial_shape()[1].get_length()
-        identity = opset13.constant(np.ones((channels, 1, 1, 1, 1), dtype=np.float32))
-        tap = opset13.group_convolution(feed, identity, [1, 1], [0, 0], [0, 0], [1, 1])
-        tap.set_friendly_name(f"{EARLY_TENSOR}_bf16_tap")
-        for target in readers:
-            target.replace_source_output(tap.output(0))
-        rewired += len(readers)
-    if rewired:
-        model.validate_nodes_and_infer_types()
-    return rewired
-
-
 def model_metadata(model, path: Path) -> ModelMetadata:
     """The liverstage metadata OpenVINO's ONNX reader kept in the model's rt_info."""
     try:
@@ -263,8 +214,6 @@ class OpenVINOBackend:
         except (ModelError, BackendUnavailable) as exc:
             raise type(exc)(f"{self.path}: {exc}") from None
         bf16 = self.precision == "bf16"
-        if bf16:
-            tap_early_stage(model)
         self.hint = hint
         self.threads = threads
         self.sha256 = file_sha256(self.path)

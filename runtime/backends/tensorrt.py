@@ -266,11 +266,8 @@ class TensorRTBackend:
         self.crop_size = int(self.metadata.preprocess.crop_size)
         self._stream = _check(self._cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
-        if self.metadata.early_stats_dim is None:
-            raise ModelError(f"{self.path}: built from a model of an older liverstage (no early_stats output): "
-                             "export it again from its checkpoint")
         widths = {"cosine": len(self.metadata.class_names), "probs": len(self.metadata.class_names),
-                  "embedding": int(self.metadata.embedding_dim), "early_stats": int(self.metadata.early_stats_dim)}
+                  "embedding": int(self.metadata.embedding_dim)}
         self._widths = widths
         self._alloc(INPUT_NAME, self.batch_max * self.crop_size * self.crop_size * 4)
         for name in OUTPUT_NAMES:

@@ -242,17 +242,26 @@ def image_descriptor(images: np.ndarray, *, clip_low: float, clip_high: float) -
     to float32 rounding.
     """
     x = np.asarray(images, dtype=np.float32).reshape(len(images), images.shape[-2], images.shape[-1])
-    factor = descriptor_factor(min(x.shape[1:]))
     if _gate_kernels is None or x.shape[1] != x.shape[2] or len(x) == 0:
-        return image_descriptor_numpy(_block_mean(x, factor), clip_low=clip_low, clip_high=clip_high)
-    sides = [x.shape[1] // factor]
-    for _ in TEXTURE_SCALES[1:]:  # the levels' sides, as image_descriptor_numpy pools them
-        sides.append(sides[-1] // 2 if sides[-1] >= 4 else sides[-1])
-    coarse = next((side for side in reversed(sides) if side >= LAYOUT_BLOCKS), sides[0])
+        return image_descriptor_numpy(_block_mean(x, descriptor_factor(min(x.shape[1:]))),
+                                      clip_low=clip_low, clip_high=clip_high)
+    factor, layout = _kernel_plan(x.shape[1])
     out = np.empty((len(x), DESCRIPTOR_DIM), dtype=np.float32)
-    _gate_kernels.image_descriptor(np.ascontiguousarray(x), len(x), x.shape[1], factor, layout_matrix(coarse),
+    _gate_kernels.image_descriptor(np.ascontiguousarray(x), len(x), x.shape[1], factor, layout,
                                    float(clip_low), float(clip_high), out)
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_plan(size: int) -> tuple[int, np.ndarray]:
+    """For the compiled descriptor of a [size, size] crop: its block factor and the layout matrix
+    of its coarse level (the levels' sides as image_descriptor_numpy pools them)."""
+    factor = descriptor_factor(size)
+    sides = [size // factor]
+    for _ in TEXTURE_SCALES[1:]:
+        sides.append(sides[-1] // 2 if sides[-1] >= 4 else sides[-1])
+    coarse = next((side for side in reversed(sides) if side >= LAYOUT_BLOCKS), sides[0])
+    return factor, layout_matrix(coarse)
 
 
 def image_descriptor_numpy(x: np.ndarray, *, clip_low: float, clip_high: float) -> np.ndarray:
@@ -339,12 +348,25 @@ def kth_distance(queries: np.ndarray, bank_t: np.ndarray, bank_sq: np.ndarray, k
     # |q - b|^2 = |q|^2 - (2 q.b - |b|^2): the k-th smallest squared distance is |q|^2 less the
     # k-th largest "closeness" 2 q.b - |b|^2, made in place in the product's own array
     closeness = matmul(q, bank_t)
+    if _compiled_knn(closeness, k, exclude):
+        out = np.empty(len(q), dtype=np.float64)
+        _gate_kernels.knn_distance(closeness, len(q), closeness.shape[1], int(k), np.ascontiguousarray(bank_sq, dtype=np.float32),
+                                   np.einsum("ij,ij->i", q, q), out)
+        return out
     closeness *= np.float32(2.0)
     closeness -= bank_sq
     if exclude is not None:
         closeness[exclude] = -np.inf
     kth = kth_largest(closeness, k).astype(np.float64)
     return np.sqrt(np.maximum(np.einsum("ij,ij->i", q, q) - kth, 0.0))
+
+
+def _compiled_knn(products: np.ndarray, k: int, exclude: np.ndarray | None) -> bool:
+    """Whether the compiled `knn_distance` computes a part's distances from these products (the
+    kernels built, no bank rows excluded: export's leave-one-patient-out thresholds use the
+    numpy code, which gives the same values)."""
+    return (_gate_kernels is not None and exclude is None and products.dtype == np.float32
+            and products.flags.c_contiguous and len(products) > 0 and 1 <= k <= products.shape[1])
 
 
 def _median(values: np.ndarray) -> float:
@@ -468,6 +490,10 @@ class OodGate:
         (`exclude`: as in `kth_distance`)."""
         rows = normalise_rows(values)
         sims = matmul(matmul(rows, self.bases[part]), self._sphere_banks_t[part])
+        if _compiled_knn(sims, self.k[part], exclude):
+            out = np.empty(len(sims), dtype=np.float64)
+            _gate_kernels.knn_distance(sims, len(sims), sims.shape[1], self.k[part], None, None, out)
+            return out
         if exclude is not None:
             sims[exclude] = -np.inf
         kth = kth_largest(sims, self.k[part])
@@ -488,7 +514,9 @@ class OodGate:
                                  f"(dimension {self.dims[part]}) or the {len(images)} crops")
             distances[part] = self.sphere_distance(part, values, exclude)
         distances["image"] = kth_distance(self.image_features(images), *self._image_bank, self.k["image"], exclude)
-        score = np.max([distances[part] / self.thresholds[part] for part in PARTS], axis=0)
+        score = distances[PARTS[0]] / self.thresholds[PARTS[0]]
+        for part in PARTS[1:]:
+            np.maximum(score, distances[part] / self.thresholds[part], out=score)
         return CropScores(**distances, score=score)
 
     def judge(self, crops: CropScores, *, region: str = "mask") -> OodVerdict:

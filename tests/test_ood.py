@@ -172,10 +172,48 @@ def test_kth_largest_is_the_same_in_both_codes(numpy_gate_code):
     test_kth_largest_is_numpys_partition_value()
 
 
+def test_knn_distance_is_the_same_in_both_codes():
+    """The distances from the compiled knn_distance and from the numpy code, bit for bit, on the
+    same products: the image part's (kth_distance: queries against a bank) and a sphere part's
+    (OodGate.sphere_distance: unit rows), with ties, k = 1 and k = the bank's size, rows far from
+    and on top of the bank; and a bank row excluded (export) always takes the numpy code."""
+    from liverstage.runtime import ood
+
+    if ood.gate_kernels() != "compiled":
+        pytest.skip("the gate's compiled kernels were not built here")
+    rng = np.random.default_rng(13)
+    for trial in range(60):
+        n, dim, width = int(rng.integers(1, 20)), int(rng.integers(1, 90)), int(rng.integers(1, 400))
+        bank = rng.integers(-2, 3, size=(width, dim)).astype(np.float32) * np.float32(rng.choice([1.0, 0.37, 30.0]))
+        queries = np.concatenate([bank[rng.integers(0, width, size=n // 2)],  # on top of bank rows: distance 0
+                                  rng.standard_normal((n - n // 2, dim)).astype(np.float32) * 5]).astype(np.float32)
+        k = int(rng.choice([1, width, int(rng.integers(1, width + 1))]))
+        bank_t, bank_sq = np.ascontiguousarray(bank.T), np.einsum("ij,ij->i", bank, bank)
+        compiled = ood.kth_distance(queries, bank_t, bank_sq, k)
+        ood.use_gate_kernels("numpy")
+        try:
+            reference = ood.kth_distance(queries, bank_t, bank_sq, k)
+        finally:
+            ood.use_gate_kernels("compiled")
+        assert compiled.dtype == np.float64 and np.array_equal(compiled, reference), (trial, n, width, k)
+        sims = np.clip(rng.integers(-8, 9, size=(n, width)).astype(np.float32) / 8, -1, 1)  # cosines, ties
+        out = np.empty(n, dtype=np.float64)
+        ood._gate_kernels.knn_distance(sims, n, width, k, None, None, out)
+        expected = np.sqrt(np.clip(2.0 - 2.0 * ood.kth_largest_numpy(sims.copy(), k).astype(np.float64), 0.0, 4.0))
+        assert np.array_equal(out, expected), (trial, k)
+    exclude = np.zeros((n, width), dtype=bool)
+    exclude[:, 0] = True
+    assert not ood._compiled_knn(np.zeros((n, width), dtype=np.float32), 1, exclude)
+    with pytest.raises(ValueError, match="knn_distance"):
+        ood._gate_kernels.knn_distance(sims, n, width, width + 1, None, None, out)
+    with pytest.raises(ValueError, match="knn_distance"):  # bank_sq without query_sq
+        ood._gate_kernels.knn_distance(sims, n, width, 1, bank_sq, None, out)
+
+
 def test_gate_scores_are_the_same_in_both_codes(gated_model, cohort_crops):
-    """The whole per-batch work, compiled and numpy, on the tiny model's own outputs: the sphere
-    parts' distances bit for bit (only the selection is compiled), the image part to float32
-    rounding; every verdict the same."""
+    """The whole per-batch work, compiled and numpy, on the tiny model's own outputs: the
+    embedding part's distances bit for bit, the image part to float32 rounding (its descriptor);
+    every verdict the same."""
     from liverstage.runtime import ood
 
     if ood.gate_kernels() != "compiled":

@@ -256,20 +256,39 @@ done:
 /* The k-th largest (ties counted), for i < width, of row[i] or, given bank_sq, of the image
    part's closeness 2 row[i] - bank_sq[i] in float32 (2 row[i] is exact, so this is numpy's
    in-place *= 2 and -= bank_sq, bit for bit). The k largest so far are kept sorted in
-   top[0..k-1]: one pass. */
+   top[0..k-1]. The values are made KTH_CHUNK at a time in a loop the compiler vectorises, which
+   also tells whether any of them beats the k-th largest so far; after the first chunks few do,
+   and the others are never looked at one by one (a row of 782: 0.7 -> 0.3 us). */
+#define KTH_CHUNK 32
 static float row_kth(const float *row, const float *bank_sq, Py_ssize_t width, Py_ssize_t k, float *top) {
     for (Py_ssize_t i = 0; i < k; i++) top[i] = -INFINITY;
     float least = -INFINITY; /* top[k - 1]: the k-th largest so far */
-    for (Py_ssize_t i = 0; i < width; i++) {
-        float v = bank_sq != NULL ? row[i] * 2.0f - bank_sq[i] : row[i];
-        if (!(v > least)) continue;
-        Py_ssize_t j = k - 1;
-        while (j > 0 && top[j - 1] < v) {
-            top[j] = top[j - 1];
-            j--;
+    float chunk[KTH_CHUNK];
+    for (Py_ssize_t start = 0; start < width; start += KTH_CHUNK) {
+        Py_ssize_t m = width - start < KTH_CHUNK ? width - start : KTH_CHUNK;
+        int any = 0;
+        if (bank_sq != NULL)
+            for (Py_ssize_t j = 0; j < m; j++) {
+                chunk[j] = row[start + j] * 2.0f - bank_sq[start + j];
+                any |= chunk[j] > least;
+            }
+        else
+            for (Py_ssize_t j = 0; j < m; j++) {
+                chunk[j] = row[start + j];
+                any |= chunk[j] > least;
+            }
+        if (!any) continue;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            float v = chunk[j];
+            if (!(v > least)) continue;
+            Py_ssize_t i = k - 1;
+            while (i > 0 && top[i - 1] < v) {
+                top[i] = top[i - 1];
+                i--;
+            }
+            top[i] = v;
+            least = top[k - 1];
         }
-        top[j] = v;
-        least = top[k - 1];
     }
     return top[k - 1];
 }

@@ -59,13 +59,16 @@ def test_image_descriptor_any_crop_size():
 
 
 def test_large_crops_are_described_as_their_block_means():
-    """A 224-px crop is described at 56 px: exactly as the 4 x 4 block means of it would be."""
-    assert [descriptor_factor(s) for s in (32, 64, 111, 112, 223, 224, 448, 512)] == [1, 1, 1, 2, 2, 4, 8, 8]
+    """A 224-px crop is described at 56 px and a 64-px crop at 32 px: exactly as their 4 x 4 and
+    2 x 2 block means would be."""
+    assert [descriptor_factor(s) for s in (32, 63, 64, 111, 112, 223, 224, 448, 512)] == [1, 1, 2, 2, 2, 4, 4, 8, 16]
     rng = np.random.default_rng(3)
-    images = rng.uniform(0.0, 1.0, (4, 1, 224, 224)).astype(np.float32)
-    blocks = images.reshape(4, 1, 56, 4, 56, 4).mean(axis=(3, 5), dtype=np.float64).astype(np.float32)
-    np.testing.assert_allclose(image_descriptor(images, clip_low=0.0, clip_high=1.0),
-                               image_descriptor(blocks, clip_low=0.0, clip_high=1.0), atol=1e-5)
+    for size, factor in ((224, 4), (64, 2)):
+        images = rng.uniform(0.0, 1.0, (4, 1, size, size)).astype(np.float32)
+        side = size // factor
+        blocks = images.reshape(4, 1, side, factor, side, factor).mean(axis=(3, 5), dtype=np.float64).astype(np.float32)
+        np.testing.assert_allclose(image_descriptor(images, clip_low=0.0, clip_high=1.0),
+                                   image_descriptor(blocks, clip_low=0.0, clip_high=1.0), atol=1e-5)
     from liverstage.runtime.ood import _block_mean, _pool2
 
     for size in (5, 28, 63, 64):  # the levels' 2 x 2 pooling is the block mean's factor-2 case

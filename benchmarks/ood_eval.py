@@ -80,6 +80,7 @@ def open_gated(model: Path, openvino: str | None = None):
 def stage_all(backend, pairs: list[tuple[Path, Path]]) -> list[dict]:
     """predict each (volume, mask): one row per volume with its outcome."""
     rows = []
+    gate = OodGate.from_metadata(backend.metadata)  # for part_flags; None: the model has none
     for vol, mask in pairs:
         run = Predictor(backend, mask=mask).run([vol])
         if run.errors:
@@ -89,28 +90,26 @@ def stage_all(backend, pairs: list[tuple[Path, Path]]) -> list[dict]:
         rows.append({"input": str(vol), "outcome": "uncertain" if r.verdict.uncertain else "staged",
                      "score": r.verdict.ood.score, "crops": len(r.slices),
                      "left_side": side_reason(r.region_side) is not None,
-                     **part_flags(backend, r)})
+                     **part_flags(gate, r)})
     return rows
 
 
 GATE_REASON = re.compile(r"\d+ of \d+ crops look unlike")  # how the gate's own reason starts (ood.OodGate.judge)
 
 
-def part_flags(backend, result) -> dict:
+def part_flags(gate: OodGate | None, result) -> dict:
     """Whether the volume would be flagged by the gate with only one of its parts ("only_P") and
     with all but one ("without_P"), at the thresholds of the model; refusals do not reach here, and
     a volume-level check's flag (the region's side, its air) counts in each. Why: what each part
     catches that the others do not, the figure a decision to drop or replace a part needs (gate
     format 2's early-stage part was dropped on these figures: runtime/ood.py)."""
     scores, verdict = result.ood_scores, result.verdict
-    if scores is None:
+    if scores is None or gate is None:
         return {}
-    gate = OodGate.from_metadata(backend.metadata)
     other = verdict.uncertain and not (verdict.ood.reason and GATE_REASON.match(verdict.ood.reason))
 
     def flagged(parts) -> bool:
-        crop = np.max([getattr(scores, part) / gate.thresholds[part] for part in parts], axis=0)
-        return bool(other or np.median(crop) > THRESHOLD)
+        return bool(other or np.median(gate.crop_score(scores, tuple(parts))) > THRESHOLD)
 
     flags = {f"only_{part}": flagged([part]) for part in PARTS}
     flags.update({f"without_{part}": flagged([p for p in PARTS if p != part]) for part in PARTS})

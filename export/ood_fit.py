@@ -190,7 +190,7 @@ def with_thresholds_from(config: dict[str, Any], scores: CropScores, *, false_al
 
 def volume_flags(gate: OodGate, scores: CropScores, groups: np.ndarray) -> tuple[float, float]:
     """(share of crops atypical, share of groups (volumes) uncertain) under `gate`'s thresholds."""
-    score = np.max([getattr(scores, part) / gate.thresholds[part] for part in PARTS], axis=0)
+    score = gate.crop_score(scores)
     volumes = [float(np.median(score[groups == g])) > THRESHOLD for g in dict.fromkeys(groups.tolist())]
     return float(np.mean(score > THRESHOLD)), float(np.mean(volumes))
 

@@ -522,10 +522,17 @@ class OodGate:
                                  f"(dimension {self.dims[part]}) or the {len(images)} crops")
             distances[part] = self.sphere_distance(part, values, exclude)
         distances["image"] = kth_distance(self.image_features(images), *self._image_bank, self.k["image"], exclude)
-        score = distances[PARTS[0]] / self.thresholds[PARTS[0]]
-        for part in PARTS[1:]:
-            np.maximum(score, distances[part] / self.thresholds[part], out=score)
-        return CropScores(**distances, score=score)
+        return CropScores(**distances, score=self.crop_score(distances))
+
+    def crop_score(self, distances, parts: tuple[str, ...] = PARTS) -> np.ndarray:
+        """Each crop's score from its distances (a mapping part -> [N], or CropScores): the largest
+        of `parts`' distances, each divided by its threshold (above 1: atypical). `parts` other than
+        all of them: what the gate would say with only those (benchmarks/ood_eval.py)."""
+        get = distances.__getitem__ if isinstance(distances, dict) else lambda part: getattr(distances, part)
+        score = get(parts[0]) / self.thresholds[parts[0]]
+        for part in parts[1:]:
+            np.maximum(score, get(part) / self.thresholds[part], out=score)
+        return score
 
     def judge(self, crops: CropScores, *, region: str = "mask") -> OodVerdict:
         """The volume rule on its crops' scores (module docstring). `region`: how the volume's
